@@ -1,0 +1,5 @@
+//! plinth-server: the CA manager and rotation, registration and authorization, node-attestation
+//! verifiers, the gRPC APIs, the federation bundle endpoint and client, configuration, and the
+//! `plinth-server` binary.
+//!
+//! Owns: the server process. Nothing in plinth depends on it.

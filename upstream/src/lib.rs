@@ -1,0 +1,4 @@
+//! plinth-upstream: the `KeyManager` trait (memory, disk, PKCS#11) and the `UpstreamAuthority`
+//! trait (disk, Vault PKI, AWS ACM PCA), with a conformance suite every implementation runs.
+//!
+//! Owns: every use of PKCS#11 (cryptoki) in plinth. Must not depend on: storage, raft, server, agent.
