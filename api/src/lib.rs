@@ -3,3 +3,6 @@
 //!
 //! Owns: wire types only. Domain code converts to `plinth-spiffe` types at the edge with `TryFrom`.
 //! Must not depend on: storage, raft, upstream, server, agent.
+
+pub mod convert;
+pub mod workload;
