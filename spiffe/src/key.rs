@@ -329,12 +329,32 @@ pub struct PublicKeyInfo {
 impl PublicKeyInfo {
     /// Parses a DER SubjectPublicKeyInfo of a supported key type.
     pub fn from_spki(spki: &[u8]) -> Result<Self, KeyError> {
+        // Fast path for the encodings plinth itself produces (it runs once per signed SVID);
+        // anything else goes through the full parser.
+        if let Some(info) = Self::from_canonical_spki(spki) {
+            return Ok(info);
+        }
         let (rest, info) = SubjectPublicKeyInfo::from_der(spki)
             .map_err(|e| KeyError::BadPublicKey(e.to_string()))?;
         if !rest.is_empty() {
             return Err(KeyError::BadPublicKey("trailing bytes".into()));
         }
         Self::from_parsed(&info)
+    }
+
+    /// Recognises EC P-256/P-384 SPKIs byte for byte as [`spki_from_raw`] writes them.
+    fn from_canonical_spki(spki: &[u8]) -> Option<Self> {
+        [(KeyType::EcP256, 65), (KeyType::EcP384, 97)]
+            .into_iter()
+            .filter(|(_, point_len)| spki.len() > *point_len)
+            .find_map(|(kt, point_len)| {
+                let point = &spki[spki.len() - point_len..];
+                (point[0] == 4 && spki_from_raw(kt, point) == spki).then(|| Self {
+                    key_type: kt,
+                    raw: point.to_vec(),
+                    spki: spki.to_vec(),
+                })
+            })
     }
 
     pub(crate) fn from_parsed(info: &SubjectPublicKeyInfo<'_>) -> Result<Self, KeyError> {

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, SigningKey,
+    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyUsagePurpose, PublicKeyData,
+    SanType, SerialNumber, SigningKey,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use time::OffsetDateTime;
@@ -16,7 +16,7 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
 use crate::id::{IdError, SpiffeId, TrustDomain};
-use crate::key::{KeyError, KeyType, PublicKeyInfo, Signer};
+use crate::key::{der_tlv, KeyError, KeyType, PublicKeyInfo, Signer};
 
 /// SPIRE backdates NotBefore by this much to absorb clock skew between hosts.
 pub const BACKDATE: Duration = Duration::from_secs(10);
@@ -154,14 +154,157 @@ impl SigningKey for SignerKey {
     }
 }
 
-fn random_serial() -> Result<SerialNumber, X509Error> {
+fn random_serial_bytes() -> Result<[u8; 16], X509Error> {
     let mut bytes = [0u8; 16];
     SystemRandom::new()
         .fill(&mut bytes)
         .map_err(|_| X509Error::Build("random generator failed".into()))?;
     // Positive, and no leading zero octet so the DER INTEGER is exactly 16 bytes.
     bytes[0] = (bytes[0] & 0x7f) | 0x40;
-    Ok(SerialNumber::from_slice(&bytes))
+    Ok(bytes)
+}
+
+fn random_serial() -> Result<SerialNumber, X509Error> {
+    Ok(SerialNumber::from_slice(&random_serial_bytes()?))
+}
+
+/// The parts of an X509-SVID leaf that are the same for every leaf a CA signs, encoded once.
+///
+/// Leaves are the hot path of a CA (every workload, every rotation), so they are encoded here
+/// by hand from this template rather than through a general certificate builder; signing CAs,
+/// which are rare, still go through rcgen. Tests check the output with x509-parser and openssl.
+#[derive(Debug, Clone)]
+struct LeafTemplate {
+    /// `[0] EXPLICIT INTEGER 2` (version 3).
+    version: Vec<u8>,
+    /// AlgorithmIdentifier of the CA's signature scheme.
+    sig_alg: Vec<u8>,
+    /// The issuer Name: the CA certificate's subject, byte for byte.
+    issuer: Vec<u8>,
+    /// `C=US, O=SPIRE` as RDNs (the subject, before an optional CN).
+    subject_rdns: Vec<u8>,
+    /// Extensions that never change: keyUsage, extKeyUsage, basicConstraints, AKI.
+    fixed_extensions: Vec<u8>,
+}
+
+const OID_SAN: &[u8] = &[0x55, 0x1d, 0x11];
+
+fn extension(oid: &[u8], critical: bool, value: &[u8]) -> Vec<u8> {
+    let mut c = der_tlv(0x06, oid);
+    if critical {
+        c.extend([0x01, 0x01, 0xff]);
+    }
+    c.extend(der_tlv(0x04, value));
+    der_tlv(0x30, &c)
+}
+
+fn rdn(oid: &[u8], string_tag: u8, value: &[u8]) -> Vec<u8> {
+    let mut atv = der_tlv(0x06, oid);
+    atv.extend(der_tlv(string_tag, value));
+    der_tlv(0x31, &der_tlv(0x30, &atv))
+}
+
+/// UTCTime through 2049, GeneralizedTime after (RFC 5280 4.1.2.5).
+fn der_time(t: OffsetDateTime) -> Vec<u8> {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    let (y, mo, d) = (t.year(), u8::from(t.month()), t.day());
+    let (h, mi, s) = (t.hour(), t.minute(), t.second());
+    if (1950..2050).contains(&y) {
+        let text = format!("{:02}{mo:02}{d:02}{h:02}{mi:02}{s:02}Z", y % 100);
+        der_tlv(0x17, text.as_bytes())
+    } else {
+        let text = format!("{y:04}{mo:02}{d:02}{h:02}{mi:02}{s:02}Z");
+        der_tlv(0x18, text.as_bytes())
+    }
+}
+
+impl LeafTemplate {
+    fn new(ca: &X509Certificate<'_>, key_type: KeyType) -> Result<Self, X509Error> {
+        let sig_alg = match key_type {
+            KeyType::EcP256 => der_tlv(
+                0x30,
+                &der_tlv(0x06, &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02]),
+            ),
+            KeyType::EcP384 => der_tlv(
+                0x30,
+                &der_tlv(0x06, &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03]),
+            ),
+            KeyType::Rsa2048 | KeyType::Rsa4096 => {
+                let mut c = der_tlv(
+                    0x06,
+                    &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0b],
+                );
+                c.extend([0x05, 0x00]);
+                der_tlv(0x30, &c)
+            }
+        };
+        let mut subject_rdns = rdn(&[0x55, 0x04, 0x06], 0x13, b"US");
+        subject_rdns.extend(rdn(&[0x55, 0x04, 0x0a], 0x0c, b"SPIRE"));
+
+        // keyUsage: digitalSignature, keyEncipherment, keyAgreement (critical).
+        let mut ext = extension(&[0x55, 0x1d, 0x0f], true, &[0x03, 0x02, 0x03, 0xa8]);
+        // extKeyUsage: serverAuth, clientAuth.
+        let mut eku = der_tlv(0x06, &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x01]);
+        eku.extend(der_tlv(
+            0x06,
+            &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x02],
+        ));
+        ext.extend(extension(&[0x55, 0x1d, 0x25], false, &der_tlv(0x30, &eku)));
+        // basicConstraints: cA=false (critical, empty sequence).
+        ext.extend(extension(&[0x55, 0x1d, 0x13], true, &[0x30, 0x00]));
+        // authorityKeyIdentifier from the CA's subjectKeyIdentifier, when it has one.
+        let ski = ca
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0),
+                _ => None,
+            });
+        if let Some(ski) = ski {
+            let aki = der_tlv(0x30, &der_tlv(0x80, ski));
+            ext.extend(extension(&[0x55, 0x1d, 0x23], false, &aki));
+        }
+        Ok(Self {
+            version: vec![0xa0, 0x03, 0x02, 0x01, 0x02],
+            sig_alg,
+            issuer: ca.subject().as_raw().to_vec(),
+            subject_rdns,
+            fixed_extensions: ext,
+        })
+    }
+
+    fn tbs(
+        &self,
+        serial: &[u8; 16],
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+        spki: &[u8],
+        id: &SpiffeId,
+        dns_names: &[String],
+    ) -> Vec<u8> {
+        let mut body = Vec::with_capacity(512);
+        body.extend_from_slice(&self.version);
+        body.extend(der_tlv(0x02, serial));
+        body.extend_from_slice(&self.sig_alg);
+        body.extend_from_slice(&self.issuer);
+        let mut validity = der_time(not_before);
+        validity.extend(der_time(not_after));
+        body.extend(der_tlv(0x30, &validity));
+        let mut subject = self.subject_rdns.clone();
+        if let Some(cn) = dns_names.first() {
+            subject.extend(rdn(&[0x55, 0x04, 0x03], 0x0c, cn.as_bytes()));
+        }
+        body.extend(der_tlv(0x30, &subject));
+        body.extend_from_slice(spki);
+        let mut names = der_tlv(0x86, id.as_str().as_bytes());
+        for dns in dns_names {
+            names.extend(der_tlv(0x82, dns.as_bytes()));
+        }
+        let mut exts = extension(OID_SAN, false, &der_tlv(0x30, &names));
+        exts.extend_from_slice(&self.fixed_extensions);
+        body.extend(der_tlv(0xa3, &der_tlv(0x30, &exts)));
+        der_tlv(0x30, &body)
+    }
 }
 
 fn fmt_time(t: OffsetDateTime) -> String {
@@ -210,8 +353,13 @@ impl CaTemplate {
     fn params(&self) -> Result<CertificateParams, X509Error> {
         let mut p = CertificateParams::default();
         p.distinguished_name = rcgen::DistinguishedName::new();
-        p.distinguished_name
-            .push(DnType::CountryName, &self.country);
+        // RFC 5280 wants countryName as a PrintableString.
+        let country = rcgen::string::PrintableString::try_from(self.country.as_str())
+            .map_err(|_| X509Error::Build(format!("bad country {:?}", self.country)))?;
+        p.distinguished_name.push(
+            DnType::CountryName,
+            rcgen::DnValue::PrintableString(country),
+        );
         p.distinguished_name
             .push(DnType::OrganizationName, &self.organization);
         if let Some(cn) = &self.common_name {
@@ -276,6 +424,8 @@ pub struct X509Authority {
     trust_domain: TrustDomain,
     issuer: Issuer<'static, SignerKey>,
     key_type: KeyType,
+    /// Pre-encoded parts of every leaf this CA signs (see [`LeafTemplate`]).
+    leaf: LeafTemplate,
 }
 
 impl std::fmt::Debug for X509Authority {
@@ -325,6 +475,7 @@ impl X509Authority {
         all.extend(chain_after_leaf.iter().skip(1).cloned());
         let not_after = earliest_not_after(&all)?;
         let key_type = signer.key_type();
+        let leaf = LeafTemplate::new(&parsed, key_type)?;
         let issuer = Issuer::from_ca_cert_der(&cert.as_slice().into(), SignerKey::new(signer)?)
             .map_err(|e| X509Error::BadCa(e.to_string()))?;
         Ok(Self {
@@ -334,6 +485,7 @@ impl X509Authority {
             trust_domain,
             issuer,
             key_type,
+            leaf,
         })
     }
 
@@ -394,49 +546,36 @@ impl X509Authority {
                 trust_domain: self.trust_domain.to_string(),
             }));
         }
-        let subject = KeyData::from_spki(req.public_key_spki)?;
-        let (not_before, not_after) = self.validity(now, req.ttl)?;
-        let mut p = CertificateParams::default();
-        p.distinguished_name = rcgen::DistinguishedName::new();
-        p.distinguished_name.push(DnType::CountryName, "US");
-        p.distinguished_name.push(DnType::OrganizationName, "SPIRE");
-        let mut sans =
-            vec![SanType::URI(req.spiffe_id.as_str().try_into().map_err(
-                |e: rcgen::Error| X509Error::Build(e.to_string()),
-            )?)];
+        let subject = PublicKeyInfo::from_spki(req.public_key_spki)?;
         for name in req.dns_names {
             if !valid_dns_name(name) {
                 return Err(X509Error::BadDnsName(name.clone()));
             }
-            sans.push(SanType::DnsName(
-                name.as_str()
-                    .try_into()
-                    .map_err(|_| X509Error::BadDnsName(name.clone()))?,
-            ));
         }
-        if let Some(first) = req.dns_names.first() {
-            p.distinguished_name.push(DnType::CommonName, first);
-        }
-        p.subject_alt_names = sans;
-        p.is_ca = IsCa::ExplicitNoCa;
-        p.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-            KeyUsagePurpose::KeyAgreement,
-        ];
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        p.not_before = not_before;
-        p.not_after = not_after;
-        p.serial_number = Some(random_serial()?);
-        p.use_authority_key_identifier_extension = true;
-        let cert = p
-            .signed_by(&subject, &self.issuer)
-            .map_err(|e| X509Error::Build(e.to_string()))?;
+        let (not_before, not_after) = self.validity(now, req.ttl)?;
+        let serial = random_serial_bytes()?;
+        let tbs = self.leaf.tbs(
+            &serial,
+            not_before,
+            not_after,
+            &subject.spki,
+            req.spiffe_id,
+            req.dns_names,
+        );
+        let sig = self
+            .issuer
+            .key()
+            .signer
+            .sign(self.key_type.x509_scheme(), &tbs)?;
+        let mut body = tbs;
+        body.extend_from_slice(&self.leaf.sig_alg);
+        let mut bits = Vec::with_capacity(sig.len() + 1);
+        bits.push(0);
+        bits.extend_from_slice(&sig);
+        body.extend(der_tlv(0x03, &bits));
+        let cert = der_tlv(0x30, &body);
         let mut chain = Vec::with_capacity(1 + self.chain_after_leaf.len());
-        chain.push(cert.der().to_vec());
+        chain.push(cert);
         chain.extend(self.chain_after_leaf.iter().cloned());
         Ok(X509Svid {
             spiffe_id: req.spiffe_id.clone(),

@@ -187,6 +187,21 @@ fn t16_authority_rejects_a_key_that_is_not_the_certs() {
 }
 
 #[test]
+fn t17_dates_after_2049_use_generalized_time() {
+    let late = OffsetDateTime::from_unix_timestamp(2_600_000_000).unwrap(); // 2052
+    let k = key(KeyType::EcP256);
+    let der = x509::self_signed_ca(
+        &CaTemplate::new(td("example.org"), late, Duration::from_secs(86400)),
+        k.clone(),
+    )
+    .unwrap();
+    let ca = X509Authority::new(der, vec![], k).unwrap();
+    let chain = svid(&ca, &id("spiffe://example.org/w"), late, 600);
+    let v = verify_svid(&chain, &bundle_of(&ca), late).unwrap();
+    assert_eq!(v.not_after, late + time::Duration::seconds(600));
+}
+
+#[test]
 fn t20_csr_names_are_ignored_and_signature_checked() {
     // An attacker's CSR naming the server's ID (CVE-2021-27098): only its key is used.
     let kp = KeyPair::generate().unwrap();
