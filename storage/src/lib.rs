@@ -1,5 +1,28 @@
 //! plinth-storage: RocksDB column families for the Raft log and metadata and the replicated
 //! state-machine tables (registration entries, agents, join tokens, bundles, federation
-//! relationships, the CA journal), their indexes and snapshots.
+//! relationships, the CA journal), their indexes and snapshots; and the deterministic
+//! application of state-machine commands to those tables.
 //!
-//! Owns: every use of RocksDB in plinth. Must not depend on: openraft, tonic, server, agent.
+//! Owns: every use of RocksDB in plinth. Must not depend on: openraft, tonic, tokio, server,
+//! agent. Raft-specific values (log entries, vote, applied log ID, snapshot metadata) are opaque
+//! byte strings here; plinth-raft encodes them with [`codec`].
+//!
+//! Errors: [`StorageError`] is fatal (disk, database, corrupt data); [`CommandError`] is a refused
+//! command (the caller's mistake or a lost race) and changes nothing.
+
+pub mod apply;
+pub mod codec;
+pub mod command;
+mod error;
+pub mod model;
+pub mod store;
+
+pub use apply::Applied;
+pub use command::{Change, ChangeEvent, Command, CommandError, Outcome, Proposal, Response};
+pub use error::StorageError;
+pub use model::{
+    AttestedAgent, AuthorityKind, AuthorityPublic, AuthorityStatus, BundleEndpointProfile,
+    CaAuthority, FederationRelationship, JoinToken, RegistrationEntry, StoredBundle,
+    StoredJwtAuthority,
+};
+pub use store::{create_private_dir, MetaKey, Store};

@@ -1,0 +1,680 @@
+//! Deterministic application of [`Proposal`]s to the stored state.
+//!
+//! Apply reads the stored state and the proposal and nothing else: no clock, no randomness, no
+//! configuration. Each log entry becomes one RocksDB write batch holding its changes, the new
+//! global revision and the Raft applied state, so a crash never leaves an entry half applied or
+//! applied twice.
+
+use rocksdb::WriteBatch;
+
+use crate::command::{Change, ChangeEvent, Command, CommandError, Outcome, Proposal, Response};
+use crate::model::{
+    AttestedAgent, AuthorityStatus, CaAuthority, FederationRelationship, JoinToken,
+    RegistrationEntry, StoredBundle, StoredJwtAuthority,
+};
+use crate::store::{
+    index_key, Store, CF_AGENTS, CF_BUNDLES, CF_CA_JOURNAL, CF_ENTRIES, CF_ENTRIES_BY_PARENT,
+    CF_ENTRIES_BY_SELECTOR, CF_ENTRIES_BY_SPIFFE_ID, CF_FEDERATION, CF_JOIN_TOKENS,
+};
+use crate::StorageError;
+
+/// The result of applying one log entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub response: Response,
+    /// What changed, for subscribers; empty if the command was refused or changed nothing.
+    pub changes: Vec<ChangeEvent>,
+}
+
+enum Fail {
+    Refused(CommandError),
+    Storage(StorageError),
+}
+
+impl From<StorageError> for Fail {
+    fn from(e: StorageError) -> Self {
+        Fail::Storage(e)
+    }
+}
+
+impl From<CommandError> for Fail {
+    fn from(e: CommandError) -> Self {
+        Fail::Refused(e)
+    }
+}
+
+struct Txn<'a> {
+    store: &'a Store,
+    batch: WriteBatch,
+    changes: Vec<Change>,
+    /// The revision this entry produces if it changes anything.
+    revision: u64,
+    now: i64,
+}
+
+impl Store {
+    /// Applies the log entry at `log_index`. `proposal` is `None` for Raft-internal entries (blank,
+    /// membership). `applied_state` is the caller's encoding of its applied log ID and membership;
+    /// it is written in the same batch. The write is not synced: call [`Store::sync`] after a
+    /// batch of entries.
+    pub fn apply(
+        &self,
+        log_index: u64,
+        proposal: Option<&Proposal>,
+        applied_state: &[u8],
+    ) -> Result<Applied, StorageError> {
+        let current = self.revision()?;
+        let Some(proposal) = proposal else {
+            let mut batch = WriteBatch::default();
+            self.set_applied(&mut batch, applied_state)?;
+            self.write_batch(batch)?;
+            return Ok(Applied {
+                response: Response {
+                    revision: current,
+                    result: Ok(Outcome::None),
+                },
+                changes: Vec::new(),
+            });
+        };
+        let mut txn = Txn {
+            store: self,
+            batch: WriteBatch::default(),
+            changes: Vec::new(),
+            revision: current + 1,
+            now: proposal.now,
+        };
+        let result = match txn.execute(&proposal.command) {
+            Ok(outcome) => Ok(outcome),
+            Err(Fail::Refused(e)) => Err(e),
+            Err(Fail::Storage(e)) => return Err(e),
+        };
+        let (mut batch, changes) = match &result {
+            Ok(_) => (txn.batch, txn.changes),
+            // A refused command changes nothing but still advances the applied log ID.
+            Err(_) => (WriteBatch::default(), Vec::new()),
+        };
+        let revision = if changes.is_empty() {
+            current
+        } else {
+            self.set_revision(&mut batch, txn.revision)?;
+            txn.revision
+        };
+        self.set_applied(&mut batch, applied_state)?;
+        self.write_batch(batch)?;
+        Ok(Applied {
+            response: Response { revision, result },
+            changes: changes
+                .into_iter()
+                .map(|change| ChangeEvent {
+                    revision,
+                    log_index,
+                    change,
+                })
+                .collect(),
+        })
+    }
+}
+
+impl Txn<'_> {
+    fn execute(&mut self, command: &Command) -> Result<Outcome, Fail> {
+        match command {
+            Command::EntryCreate { entry } => self.entry_create(entry),
+            Command::EntryUpdate {
+                entry,
+                expected_revision,
+            } => self.entry_update(entry, *expected_revision),
+            Command::EntryDelete { id } => {
+                let old = self.existing_entry(id)?;
+                self.delete_entry(&old)?;
+                Ok(Outcome::EntryDeleted { entry: old })
+            }
+            Command::AgentAttest {
+                spiffe_id,
+                attestation_type,
+                selectors,
+                serial_number,
+                expires_at,
+                join_token,
+            } => {
+                let existing = self.store.get_agent(spiffe_id)?;
+                if existing.as_ref().is_some_and(|a| a.banned) {
+                    return Err(CommandError::AgentBanned {
+                        spiffe_id: spiffe_id.to_string(),
+                    }
+                    .into());
+                }
+                if let Some(token) = join_token {
+                    self.consume_token(token)?;
+                }
+                let agent = AttestedAgent {
+                    spiffe_id: spiffe_id.clone(),
+                    attestation_type: attestation_type.clone(),
+                    selectors: selectors.clone(),
+                    serial_number: serial_number.clone(),
+                    expires_at: *expires_at,
+                    banned: false,
+                    created_at: existing.map_or(self.now, |a| a.created_at),
+                    updated_at: self.now,
+                };
+                self.put_agent(&agent)?;
+                Ok(Outcome::Agent { agent })
+            }
+            Command::AgentRenew {
+                spiffe_id,
+                current_serial,
+                new_serial,
+                expires_at,
+            } => {
+                let mut agent = self.usable_agent(spiffe_id)?;
+                if &agent.serial_number != current_serial {
+                    return Err(CommandError::AgentSerialMismatch {
+                        spiffe_id: spiffe_id.to_string(),
+                        presented: current_serial.clone(),
+                    }
+                    .into());
+                }
+                agent.serial_number = new_serial.clone();
+                agent.expires_at = *expires_at;
+                agent.updated_at = self.now;
+                self.put_agent(&agent)?;
+                Ok(Outcome::Agent { agent })
+            }
+            Command::AgentBan { spiffe_id } => {
+                let mut agent = self.existing_agent(spiffe_id)?;
+                agent.banned = true;
+                agent.serial_number.clear();
+                agent.updated_at = self.now;
+                self.put_agent(&agent)?;
+                Ok(Outcome::Agent { agent })
+            }
+            Command::AgentEvict { spiffe_id } => {
+                let agent = self.existing_agent(spiffe_id)?;
+                self.store
+                    .delete(&mut self.batch, CF_AGENTS, spiffe_id.as_str().as_bytes())?;
+                self.changes.push(Change::AgentDeleted {
+                    spiffe_id: spiffe_id.clone(),
+                });
+                Ok(Outcome::AgentEvicted { agent })
+            }
+            Command::JoinTokenCreate { token } => {
+                if self.store.get_join_token(&token.token)?.is_some() {
+                    return Err(CommandError::JoinTokenExists.into());
+                }
+                self.store.put_typed(
+                    &mut self.batch,
+                    CF_JOIN_TOKENS,
+                    token.token.as_bytes(),
+                    token,
+                )?;
+                self.changes.push(Change::JoinTokensChanged);
+                Ok(Outcome::JoinTokenCreated {
+                    expires_at: token.expires_at,
+                })
+            }
+            Command::JoinTokenConsume { token } => {
+                let token = self.consume_token(token)?;
+                Ok(Outcome::JoinTokenConsumed { token })
+            }
+            Command::JoinTokenPrune => {
+                let mut count = 0;
+                for t in self.store.list_join_tokens()? {
+                    if t.expires_at <= self.now {
+                        self.store
+                            .delete(&mut self.batch, CF_JOIN_TOKENS, t.token.as_bytes())?;
+                        count += 1;
+                    }
+                }
+                if count > 0 {
+                    self.changes.push(Change::JoinTokensChanged);
+                }
+                Ok(Outcome::JoinTokensPruned { count })
+            }
+            Command::BundleAppend {
+                trust_domain,
+                x509_authorities,
+                jwt_authorities,
+            } => {
+                let mut bundle = self
+                    .store
+                    .get_bundle(trust_domain)?
+                    .unwrap_or_else(|| StoredBundle::new(trust_domain.clone()));
+                let before = bundle.clone();
+                for der in x509_authorities {
+                    if !bundle.x509_authorities.contains(der) {
+                        bundle.x509_authorities.push(der.clone());
+                    }
+                }
+                for a in jwt_authorities {
+                    append_jwt(&mut bundle, a);
+                }
+                if bundle != before {
+                    bundle.sequence_number = before.sequence_number + 1;
+                    self.put_bundle(&bundle)?;
+                }
+                Ok(Outcome::Bundle { bundle })
+            }
+            Command::BundleSet { bundle } => self.bundle_set(bundle),
+            Command::BundleDelete { trust_domain } => {
+                if self.store.get_bundle(trust_domain)?.is_none() {
+                    return Err(CommandError::BundleNotFound {
+                        trust_domain: trust_domain.to_string(),
+                    }
+                    .into());
+                }
+                self.store
+                    .delete(&mut self.batch, CF_BUNDLES, trust_domain.name().as_bytes())?;
+                self.changes.push(Change::BundleDeleted {
+                    trust_domain: trust_domain.clone(),
+                });
+                Ok(Outcome::BundleDeleted {
+                    trust_domain: trust_domain.clone(),
+                })
+            }
+            Command::FederationCreate { relationship } => {
+                if self
+                    .store
+                    .get_federation(&relationship.trust_domain)?
+                    .is_some()
+                {
+                    return Err(CommandError::FederationExists {
+                        trust_domain: relationship.trust_domain.to_string(),
+                    }
+                    .into());
+                }
+                self.put_federation(relationship)
+            }
+            Command::FederationUpdate { relationship } => {
+                if self
+                    .store
+                    .get_federation(&relationship.trust_domain)?
+                    .is_none()
+                {
+                    return Err(CommandError::FederationNotFound {
+                        trust_domain: relationship.trust_domain.to_string(),
+                    }
+                    .into());
+                }
+                self.put_federation(relationship)
+            }
+            Command::FederationDelete { trust_domain } => {
+                if self.store.get_federation(trust_domain)?.is_none() {
+                    return Err(CommandError::FederationNotFound {
+                        trust_domain: trust_domain.to_string(),
+                    }
+                    .into());
+                }
+                self.store.delete(
+                    &mut self.batch,
+                    CF_FEDERATION,
+                    trust_domain.name().as_bytes(),
+                )?;
+                self.changes.push(Change::FederationDeleted {
+                    trust_domain: trust_domain.clone(),
+                });
+                Ok(Outcome::FederationDeleted {
+                    trust_domain: trust_domain.clone(),
+                })
+            }
+            Command::CaPrepare {
+                trust_domain,
+                authority,
+            } => {
+                if self.store.get_authority(&authority.authority_id)?.is_some() {
+                    return Err(CommandError::AuthorityExists {
+                        authority_id: authority.authority_id.clone(),
+                    }
+                    .into());
+                }
+                for mut other in self.store.list_authorities()? {
+                    if other.node_id == authority.node_id
+                        && other.kind() == authority.kind()
+                        && other.status == AuthorityStatus::Prepared
+                    {
+                        other.status = AuthorityStatus::Old;
+                        other.updated_at = self.now;
+                        self.put_authority(&other)?;
+                    }
+                }
+                let mut bundle = self
+                    .store
+                    .get_bundle(trust_domain)?
+                    .unwrap_or_else(|| StoredBundle::new(trust_domain.clone()));
+                if bundle.add_authority(&authority.public) {
+                    validate(&bundle)?;
+                    bundle.sequence_number += 1;
+                    self.put_bundle(&bundle)?;
+                }
+                let mut prepared = authority.clone();
+                prepared.status = AuthorityStatus::Prepared;
+                prepared.updated_at = self.now;
+                self.put_authority(&prepared)?;
+                Ok(Outcome::Authority {
+                    authority: prepared,
+                })
+            }
+            Command::CaActivate { authority_id } => {
+                let mut a = self.authority_in(authority_id, AuthorityStatus::Prepared)?;
+                for mut other in self.store.list_authorities()? {
+                    if other.node_id == a.node_id
+                        && other.kind() == a.kind()
+                        && other.status == AuthorityStatus::Active
+                    {
+                        other.status = AuthorityStatus::Old;
+                        other.updated_at = self.now;
+                        self.put_authority(&other)?;
+                    }
+                }
+                a.status = AuthorityStatus::Active;
+                a.updated_at = self.now;
+                self.put_authority(&a)?;
+                Ok(Outcome::Authority { authority: a })
+            }
+            Command::CaTaint { authority_id } => {
+                let mut a = self.authority_in(authority_id, AuthorityStatus::Old)?;
+                a.status = AuthorityStatus::Tainted;
+                a.updated_at = self.now;
+                self.put_authority(&a)?;
+                Ok(Outcome::Authority { authority: a })
+            }
+            Command::CaRevoke {
+                trust_domain,
+                authority_id,
+            } => {
+                let mut a = self.authority_in(authority_id, AuthorityStatus::Tainted)?;
+                if let Some(mut bundle) = self.store.get_bundle(trust_domain)? {
+                    if bundle.remove_authority(&a.public) {
+                        bundle.sequence_number += 1;
+                        self.put_bundle(&bundle)?;
+                    }
+                }
+                a.status = AuthorityStatus::Revoked;
+                a.updated_at = self.now;
+                self.put_authority(&a)?;
+                Ok(Outcome::Authority { authority: a })
+            }
+        }
+    }
+
+    // ---- entries ---------------------------------------------------------------------------
+
+    fn check_entry(&self, entry: &RegistrationEntry) -> Result<(), Fail> {
+        if entry.selectors.is_empty() {
+            return Err(CommandError::EntryWithoutSelectors.into());
+        }
+        if let Some(other) = self
+            .store
+            .entries_by_spiffe_id(&entry.spiffe_id)?
+            .into_iter()
+            .find(|e| e.id != entry.id && e.same_mapping(entry))
+        {
+            return Err(CommandError::EntryConflict {
+                existing_id: other.id,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    fn entry_create(&mut self, entry: &RegistrationEntry) -> Result<Outcome, Fail> {
+        if self.store.get_entry(&entry.id)?.is_some() {
+            return Err(CommandError::EntryIdExists {
+                id: entry.id.clone(),
+            }
+            .into());
+        }
+        self.check_entry(entry)?;
+        let mut new = entry.clone();
+        new.revision = self.revision;
+        new.created_at = self.now;
+        self.put_entry(None, &new)?;
+        Ok(Outcome::Entry { entry: new })
+    }
+
+    fn entry_update(
+        &mut self,
+        entry: &RegistrationEntry,
+        expected_revision: Option<u64>,
+    ) -> Result<Outcome, Fail> {
+        let old = self.existing_entry(&entry.id)?;
+        if let Some(expected) = expected_revision {
+            if old.revision != expected {
+                return Err(CommandError::EntryRevisionMismatch {
+                    id: old.id,
+                    expected,
+                    actual: old.revision,
+                }
+                .into());
+            }
+        }
+        self.check_entry(entry)?;
+        let mut new = entry.clone();
+        new.revision = self.revision;
+        new.created_at = old.created_at;
+        self.put_entry(Some(&old), &new)?;
+        Ok(Outcome::Entry { entry: new })
+    }
+
+    fn existing_entry(&self, id: &str) -> Result<RegistrationEntry, Fail> {
+        self.store
+            .get_entry(id)?
+            .ok_or_else(|| CommandError::EntryNotFound { id: id.to_owned() }.into())
+    }
+
+    fn remove_entry_indexes(&mut self, e: &RegistrationEntry) -> Result<(), StorageError> {
+        let s = self.store;
+        s.delete(
+            &mut self.batch,
+            CF_ENTRIES_BY_PARENT,
+            &index_key(e.parent_id.as_str(), &e.id),
+        )?;
+        s.delete(
+            &mut self.batch,
+            CF_ENTRIES_BY_SPIFFE_ID,
+            &index_key(e.spiffe_id.as_str(), &e.id),
+        )?;
+        for sel in &e.selectors {
+            s.delete(
+                &mut self.batch,
+                CF_ENTRIES_BY_SELECTOR,
+                &index_key(&sel.to_string(), &e.id),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn put_entry(
+        &mut self,
+        old: Option<&RegistrationEntry>,
+        e: &RegistrationEntry,
+    ) -> Result<(), StorageError> {
+        if let Some(old) = old {
+            self.remove_entry_indexes(old)?;
+        }
+        let s = self.store;
+        s.put_typed(&mut self.batch, CF_ENTRIES, e.id.as_bytes(), e)?;
+        s.put_raw(
+            &mut self.batch,
+            CF_ENTRIES_BY_PARENT,
+            &index_key(e.parent_id.as_str(), &e.id),
+            &[],
+        )?;
+        s.put_raw(
+            &mut self.batch,
+            CF_ENTRIES_BY_SPIFFE_ID,
+            &index_key(e.spiffe_id.as_str(), &e.id),
+            &[],
+        )?;
+        for sel in &e.selectors {
+            s.put_raw(
+                &mut self.batch,
+                CF_ENTRIES_BY_SELECTOR,
+                &index_key(&sel.to_string(), &e.id),
+                &[],
+            )?;
+        }
+        self.changes.push(Change::EntryPut { entry: e.clone() });
+        Ok(())
+    }
+
+    fn delete_entry(&mut self, e: &RegistrationEntry) -> Result<(), StorageError> {
+        self.remove_entry_indexes(e)?;
+        self.store
+            .delete(&mut self.batch, CF_ENTRIES, e.id.as_bytes())?;
+        self.changes.push(Change::EntryDeleted { entry: e.clone() });
+        Ok(())
+    }
+
+    // ---- agents and tokens -----------------------------------------------------------------
+
+    fn existing_agent(&self, spiffe_id: &plinth_spiffe::SpiffeId) -> Result<AttestedAgent, Fail> {
+        self.store.get_agent(spiffe_id)?.ok_or_else(|| {
+            CommandError::AgentNotFound {
+                spiffe_id: spiffe_id.to_string(),
+            }
+            .into()
+        })
+    }
+
+    fn usable_agent(&self, spiffe_id: &plinth_spiffe::SpiffeId) -> Result<AttestedAgent, Fail> {
+        let agent = self.existing_agent(spiffe_id)?;
+        if agent.banned {
+            return Err(CommandError::AgentBanned {
+                spiffe_id: spiffe_id.to_string(),
+            }
+            .into());
+        }
+        Ok(agent)
+    }
+
+    fn put_agent(&mut self, agent: &AttestedAgent) -> Result<(), StorageError> {
+        self.store.put_typed(
+            &mut self.batch,
+            CF_AGENTS,
+            agent.spiffe_id.as_str().as_bytes(),
+            agent,
+        )?;
+        self.changes.push(Change::AgentPut {
+            agent: agent.clone(),
+        });
+        Ok(())
+    }
+
+    fn consume_token(&mut self, token: &str) -> Result<JoinToken, Fail> {
+        let t = self
+            .store
+            .get_join_token(token)?
+            .ok_or(CommandError::JoinTokenNotFound)?;
+        if t.expires_at <= self.now {
+            return Err(CommandError::JoinTokenExpired.into());
+        }
+        self.store
+            .delete(&mut self.batch, CF_JOIN_TOKENS, token.as_bytes())?;
+        self.changes.push(Change::JoinTokensChanged);
+        Ok(t)
+    }
+
+    // ---- bundles and federation ------------------------------------------------------------
+
+    fn bundle_set(&mut self, offered: &StoredBundle) -> Result<Outcome, Fail> {
+        validate(offered)?;
+        let old = self.store.get_bundle(&offered.trust_domain)?;
+        let next = match &old {
+            Some(old) => {
+                if offered.sequence_number != 0 && offered.sequence_number < old.sequence_number {
+                    return Err(CommandError::BundleSequenceRegressed {
+                        trust_domain: offered.trust_domain.to_string(),
+                        stored: old.sequence_number,
+                        offered: offered.sequence_number,
+                    }
+                    .into());
+                }
+                if old.same_content(offered) {
+                    return Ok(Outcome::Bundle {
+                        bundle: old.clone(),
+                    });
+                }
+                old.sequence_number + 1
+            }
+            None => 1,
+        };
+        let mut bundle = offered.clone();
+        bundle.sequence_number = next.max(offered.sequence_number);
+        self.put_bundle(&bundle)?;
+        Ok(Outcome::Bundle { bundle })
+    }
+
+    fn put_bundle(&mut self, bundle: &StoredBundle) -> Result<(), StorageError> {
+        self.store.put_typed(
+            &mut self.batch,
+            CF_BUNDLES,
+            bundle.trust_domain.name().as_bytes(),
+            bundle,
+        )?;
+        self.changes.push(Change::BundlePut {
+            bundle: bundle.clone(),
+        });
+        Ok(())
+    }
+
+    fn put_federation(&mut self, r: &FederationRelationship) -> Result<Outcome, Fail> {
+        self.store.put_typed(
+            &mut self.batch,
+            CF_FEDERATION,
+            r.trust_domain.name().as_bytes(),
+            r,
+        )?;
+        self.changes.push(Change::FederationPut {
+            relationship: r.clone(),
+        });
+        Ok(Outcome::Federation {
+            relationship: r.clone(),
+        })
+    }
+
+    // ---- CA journal ------------------------------------------------------------------------
+
+    fn authority_in(
+        &self,
+        authority_id: &str,
+        expected: AuthorityStatus,
+    ) -> Result<CaAuthority, Fail> {
+        let a = self.store.get_authority(authority_id)?.ok_or_else(|| {
+            CommandError::AuthorityNotFound {
+                authority_id: authority_id.to_owned(),
+            }
+        })?;
+        if a.status != expected {
+            return Err(CommandError::AuthorityWrongStatus {
+                authority_id: authority_id.to_owned(),
+                expected: format!("{expected:?}").to_lowercase(),
+                actual: format!("{:?}", a.status).to_lowercase(),
+            }
+            .into());
+        }
+        Ok(a)
+    }
+
+    fn put_authority(&mut self, a: &CaAuthority) -> Result<(), StorageError> {
+        self.store
+            .put_typed(&mut self.batch, CF_CA_JOURNAL, a.authority_id.as_bytes(), a)?;
+        self.changes.push(Change::AuthorityPut {
+            authority: a.clone(),
+        });
+        Ok(())
+    }
+}
+
+fn append_jwt(bundle: &mut StoredBundle, a: &StoredJwtAuthority) {
+    if !bundle.jwt_authorities.iter().any(|x| x.key_id == a.key_id) {
+        bundle.jwt_authorities.push(a.clone());
+    }
+}
+
+fn validate(bundle: &StoredBundle) -> Result<(), CommandError> {
+    bundle
+        .to_bundle()
+        .map(|_| ())
+        .map_err(|e| CommandError::InvalidBundle {
+            reason: e.to_string(),
+        })
+}

@@ -1,0 +1,315 @@
+//! The commands of the replicated state machine, their outcomes and the changes they publish.
+//!
+//! A [`Proposal`] is what goes through Raft: a [`Command`] plus the time the leader stamped on it.
+//! Applying a proposal reads only the stored state and the proposal, so every server reaches the
+//! same state and the same [`Response`]. Preconditions are checked at apply time, which is what
+//! makes racing requests safe: of two proposals consuming one join token, the one ordered first
+//! by the log wins and the other is refused with [`CommandError::JoinTokenNotFound`].
+
+use plinth_spiffe::{Selectors, SpiffeId, TrustDomain};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{
+    AttestedAgent, CaAuthority, FederationRelationship, JoinToken, RegistrationEntry, StoredBundle,
+    StoredJwtAuthority,
+};
+
+/// A command with the leader's clock reading. `now` is Unix seconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    pub now: i64,
+    pub command: Command,
+}
+
+/// Every change to the replicated state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Command {
+    /// Create an entry. `revision` and `created_at` are set by apply. Refused if the ID exists or
+    /// another entry has the same SPIFFE ID, parent ID and selectors.
+    EntryCreate {
+        entry: RegistrationEntry,
+    },
+    /// Replace an entry (same ID). With `expected_revision`, refused unless the stored entry is at
+    /// that revision (compare-and-set).
+    EntryUpdate {
+        entry: RegistrationEntry,
+        expected_revision: Option<u64>,
+    },
+    EntryDelete {
+        id: String,
+    },
+
+    /// Record a successful node attestation. With `join_token`, the token is consumed in the same
+    /// step, so an attestation and its token consumption commit together or not at all.
+    AgentAttest {
+        spiffe_id: SpiffeId,
+        attestation_type: String,
+        selectors: Selectors,
+        serial_number: String,
+        expires_at: i64,
+        join_token: Option<String>,
+    },
+    /// Rotate an agent SVID. Refused unless `current_serial` is the serial on record.
+    AgentRenew {
+        spiffe_id: SpiffeId,
+        current_serial: String,
+        new_serial: String,
+        expires_at: i64,
+    },
+    /// Ban: the agent keeps its record (so it cannot simply re-attest) but may do nothing.
+    AgentBan {
+        spiffe_id: SpiffeId,
+    },
+    /// Evict: delete the record; the agent must attest again.
+    AgentEvict {
+        spiffe_id: SpiffeId,
+    },
+
+    JoinTokenCreate {
+        token: JoinToken,
+    },
+    /// Consume a token on its own (see also `AgentAttest::join_token`).
+    JoinTokenConsume {
+        token: String,
+    },
+    /// Delete every token that expired before the proposal's `now`.
+    JoinTokenPrune,
+
+    /// Add authorities to a bundle (created if missing); sequence +1 if anything changed.
+    BundleAppend {
+        trust_domain: TrustDomain,
+        x509_authorities: Vec<Vec<u8>>,
+        jwt_authorities: Vec<StoredJwtAuthority>,
+    },
+    /// Replace a bundle's content. The stored sequence becomes `max(old + 1, bundle.sequence)`.
+    /// Refused if `bundle.sequence_number` is non-zero and lower than the stored one (a federation
+    /// peer must never roll a bundle back).
+    BundleSet {
+        bundle: StoredBundle,
+    },
+    BundleDelete {
+        trust_domain: TrustDomain,
+    },
+
+    FederationCreate {
+        relationship: FederationRelationship,
+    },
+    FederationUpdate {
+        relationship: FederationRelationship,
+    },
+    FederationDelete {
+        trust_domain: TrustDomain,
+    },
+
+    /// Journal a freshly prepared authority of one server and publish its public part in the
+    /// bundle of `trust_domain` in the same step (a key is in the bundle before it signs anything).
+    /// A previously prepared, never activated authority of the same node and kind becomes `Old`.
+    CaPrepare {
+        trust_domain: TrustDomain,
+        authority: CaAuthority,
+    },
+    /// Prepared -> Active; the node's previously active authority of that kind becomes Old.
+    CaActivate {
+        authority_id: String,
+    },
+    /// Old -> Tainted.
+    CaTaint {
+        authority_id: String,
+    },
+    /// Tainted -> Revoked, and remove it from the bundle of `trust_domain`.
+    CaRevoke {
+        trust_domain: TrustDomain,
+        authority_id: String,
+    },
+}
+
+impl Command {
+    /// A short name for logs (never includes tokens or keys).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::EntryCreate { .. } => "entry_create",
+            Command::EntryUpdate { .. } => "entry_update",
+            Command::EntryDelete { .. } => "entry_delete",
+            Command::AgentAttest { .. } => "agent_attest",
+            Command::AgentRenew { .. } => "agent_renew",
+            Command::AgentBan { .. } => "agent_ban",
+            Command::AgentEvict { .. } => "agent_evict",
+            Command::JoinTokenCreate { .. } => "join_token_create",
+            Command::JoinTokenConsume { .. } => "join_token_consume",
+            Command::JoinTokenPrune => "join_token_prune",
+            Command::BundleAppend { .. } => "bundle_append",
+            Command::BundleSet { .. } => "bundle_set",
+            Command::BundleDelete { .. } => "bundle_delete",
+            Command::FederationCreate { .. } => "federation_create",
+            Command::FederationUpdate { .. } => "federation_update",
+            Command::FederationDelete { .. } => "federation_delete",
+            Command::CaPrepare { .. } => "ca_prepare",
+            Command::CaActivate { .. } => "ca_activate",
+            Command::CaTaint { .. } => "ca_taint",
+            Command::CaRevoke { .. } => "ca_revoke",
+        }
+    }
+}
+
+/// A refused command: the caller's mistake or a lost race. Nothing was changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "error", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum CommandError {
+    #[error("entry {id} already exists")]
+    EntryIdExists { id: String },
+    #[error(
+        "an entry with the same SPIFFE ID, parent ID and selectors already exists: {existing_id}"
+    )]
+    EntryConflict { existing_id: String },
+    #[error("entry {id} not found")]
+    EntryNotFound { id: String },
+    #[error("entry {id} is at revision {actual}, not {expected}")]
+    EntryRevisionMismatch {
+        id: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("entry has no selectors")]
+    EntryWithoutSelectors,
+    #[error("agent {spiffe_id} not found")]
+    AgentNotFound { spiffe_id: String },
+    #[error("agent {spiffe_id} is banned")]
+    AgentBanned { spiffe_id: String },
+    #[error("agent {spiffe_id} presented serial {presented}, not its current SVID")]
+    AgentSerialMismatch {
+        spiffe_id: String,
+        presented: String,
+    },
+    #[error("join token already exists")]
+    JoinTokenExists,
+    #[error("join token not found or already used")]
+    JoinTokenNotFound,
+    #[error("join token expired")]
+    JoinTokenExpired,
+    #[error("bundle for {trust_domain} not found")]
+    BundleNotFound { trust_domain: String },
+    #[error("bundle for {trust_domain} has sequence {stored}; refusing older sequence {offered}")]
+    BundleSequenceRegressed {
+        trust_domain: String,
+        stored: u64,
+        offered: u64,
+    },
+    #[error("invalid bundle: {reason}")]
+    InvalidBundle { reason: String },
+    #[error("federation relationship with {trust_domain} already exists")]
+    FederationExists { trust_domain: String },
+    #[error("federation relationship with {trust_domain} not found")]
+    FederationNotFound { trust_domain: String },
+    #[error("authority {authority_id} already exists")]
+    AuthorityExists { authority_id: String },
+    #[error("authority {authority_id} not found")]
+    AuthorityNotFound { authority_id: String },
+    #[error("authority {authority_id} is {actual}; the transition needs {expected}")]
+    AuthorityWrongStatus {
+        authority_id: String,
+        expected: String,
+        actual: String,
+    },
+}
+
+/// What a successful command produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Outcome {
+    /// A Raft-internal entry (blank, membership): no state change.
+    None,
+    Entry {
+        entry: RegistrationEntry,
+    },
+    EntryDeleted {
+        entry: RegistrationEntry,
+    },
+    Agent {
+        agent: AttestedAgent,
+    },
+    AgentEvicted {
+        agent: AttestedAgent,
+    },
+    JoinTokenCreated {
+        expires_at: i64,
+    },
+    JoinTokenConsumed {
+        token: JoinToken,
+    },
+    JoinTokensPruned {
+        count: u64,
+    },
+    Bundle {
+        bundle: StoredBundle,
+    },
+    BundleDeleted {
+        trust_domain: TrustDomain,
+    },
+    Federation {
+        relationship: FederationRelationship,
+    },
+    FederationDeleted {
+        trust_domain: TrustDomain,
+    },
+    Authority {
+        authority: CaAuthority,
+    },
+}
+
+/// The state machine's answer to one log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// The global revision after this entry (unchanged if it was refused or changed nothing).
+    pub revision: u64,
+    pub result: Result<Outcome, CommandError>,
+}
+
+/// One change published to subscribers (the server pushes these to agents as revisions).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Change {
+    EntryPut {
+        entry: RegistrationEntry,
+    },
+    EntryDeleted {
+        entry: RegistrationEntry,
+    },
+    AgentPut {
+        agent: AttestedAgent,
+    },
+    AgentDeleted {
+        spiffe_id: SpiffeId,
+    },
+    /// A join token was created or removed; the token itself is never published.
+    JoinTokensChanged,
+    BundlePut {
+        bundle: StoredBundle,
+    },
+    BundleDeleted {
+        trust_domain: TrustDomain,
+    },
+    FederationPut {
+        relationship: FederationRelationship,
+    },
+    FederationDeleted {
+        trust_domain: TrustDomain,
+    },
+    AuthorityPut {
+        authority: CaAuthority,
+    },
+    /// The whole state was replaced by a snapshot: subscribers must reload everything.
+    Reset,
+}
+
+/// A change with the revision it produced and the log index that carried it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeEvent {
+    pub revision: u64,
+    pub log_index: u64,
+    pub change: Change,
+}

@@ -1,0 +1,580 @@
+//! The RocksDB database: opening it, the Raft log and metadata, the typed state-machine tables and
+//! their indexes, and snapshot export/import.
+
+use std::fmt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use plinth_spiffe::{Selector, SpiffeId, TrustDomain};
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch,
+    WriteOptions, DB,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::codec::{decode, encode};
+use crate::model::{
+    AttestedAgent, CaAuthority, FederationRelationship, JoinToken, RegistrationEntry, StoredBundle,
+};
+use crate::StorageError;
+
+/// Raft log entries, keyed by big-endian index. Values are opaque to this crate.
+pub const CF_RAFT_LOG: &str = "raft_log";
+/// Raft metadata (vote, committed, last purged), keyed by [`MetaKey`].
+pub const CF_RAFT_META: &str = "raft_meta";
+/// The current snapshot (metadata and data) as built or installed last.
+pub const CF_SNAPSHOT: &str = "snapshot";
+/// State-machine metadata: the global revision and the Raft applied state.
+pub const CF_SM_META: &str = "sm_meta";
+pub const CF_ENTRIES: &str = "entries";
+pub const CF_ENTRIES_BY_PARENT: &str = "entries_by_parent";
+pub const CF_ENTRIES_BY_SPIFFE_ID: &str = "entries_by_spiffe_id";
+pub const CF_ENTRIES_BY_SELECTOR: &str = "entries_by_selector";
+pub const CF_AGENTS: &str = "agents";
+pub const CF_JOIN_TOKENS: &str = "join_tokens";
+pub const CF_BUNDLES: &str = "bundles";
+pub const CF_FEDERATION: &str = "federation";
+pub const CF_CA_JOURNAL: &str = "ca_journal";
+
+/// The column families that make up the replicated state (and so a snapshot), in a fixed order:
+/// a snapshot names a table by its position here, so only append to this list.
+pub const STATE_CFS: [&str; 10] = [
+    CF_SM_META,
+    CF_ENTRIES,
+    CF_ENTRIES_BY_PARENT,
+    CF_ENTRIES_BY_SPIFFE_ID,
+    CF_ENTRIES_BY_SELECTOR,
+    CF_AGENTS,
+    CF_JOIN_TOKENS,
+    CF_BUNDLES,
+    CF_FEDERATION,
+    CF_CA_JOURNAL,
+];
+
+const SM_REVISION: &[u8] = b"revision";
+const SM_APPLIED: &[u8] = b"applied";
+const SNAPSHOT_CURRENT: &[u8] = b"current";
+const SNAPSHOT_MAGIC: &[u8; 4] = b"PLSN";
+const SNAPSHOT_VERSION: u8 = 1;
+
+/// Keys of the Raft metadata table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaKey {
+    Vote,
+    Committed,
+    LastPurged,
+}
+
+impl MetaKey {
+    fn as_bytes(self) -> &'static [u8] {
+        match self {
+            MetaKey::Vote => b"vote",
+            MetaKey::Committed => b"committed",
+            MetaKey::LastPurged => b"last_purged",
+        }
+    }
+}
+
+/// A handle on the database. Cheap to clone; all clones share one RocksDB instance.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<DB>,
+    path: PathBuf,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+/// Creates `path` (and parents) with mode 0700, and tightens it to 0700 if it already existed.
+pub fn create_private_dir(path: &Path) -> Result<(), StorageError> {
+    let err = |source| StorageError::DataDir {
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(err)
+}
+
+pub(crate) fn u64_key(n: u64) -> [u8; 8] {
+    n.to_be_bytes()
+}
+
+fn key_u64(table: &'static str, key: &[u8]) -> Result<u64, StorageError> {
+    let arr: [u8; 8] = key.try_into().map_err(|_| StorageError::Corrupt {
+        table,
+        reason: format!("key of {} bytes, expected 8", key.len()),
+    })?;
+    Ok(u64::from_be_bytes(arr))
+}
+
+/// `a \0 b`: index keys. Neither SPIFFE IDs nor selectors can contain a NUL byte.
+pub(crate) fn index_key(a: &str, b: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(a.len() + b.len() + 1);
+    k.extend_from_slice(a.as_bytes());
+    k.push(0);
+    k.extend_from_slice(b.as_bytes());
+    k
+}
+
+fn sync_opts() -> WriteOptions {
+    let mut o = WriteOptions::default();
+    o.set_sync(true);
+    o
+}
+
+impl Store {
+    /// Opens (or creates) the database in `path`, creating the directory 0700.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StorageError> {
+        let path = path.as_ref().to_owned();
+        create_private_dir(&path)?;
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        let cfs = [CF_RAFT_LOG, CF_RAFT_META, CF_SNAPSHOT]
+            .into_iter()
+            .chain(STATE_CFS)
+            .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, &path, cfs)?;
+        Ok(Self {
+            db: Arc::new(db),
+            path,
+        })
+    }
+
+    /// The data directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(crate) fn cf(&self, name: &'static str) -> Result<&ColumnFamily, StorageError> {
+        self.db
+            .cf_handle(name)
+            .ok_or(StorageError::MissingColumnFamily(name))
+    }
+
+    pub(crate) fn get_typed<T>(
+        &self,
+        table: &'static str,
+        key: &[u8],
+    ) -> Result<Option<T>, StorageError>
+    where
+        T: DeserializeOwned,
+    {
+        match self.db.get_pinned_cf(self.cf(table)?, key)? {
+            Some(v) => decode(table, &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn scan_typed<T>(&self, table: &'static str) -> Result<Vec<T>, StorageError>
+    where
+        T: DeserializeOwned,
+    {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(table)?, IteratorMode::Start) {
+            let (_, v) = item?;
+            out.push(decode(table, &v)?);
+        }
+        Ok(out)
+    }
+
+    /// Keys in `table` that start with `prefix \0`, with the prefix stripped.
+    fn scan_index(&self, table: &'static str, prefix: &str) -> Result<Vec<String>, StorageError> {
+        let mut p = prefix.as_bytes().to_vec();
+        p.push(0);
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(table)?, IteratorMode::From(&p, Direction::Forward))
+        {
+            let (k, _) = item?;
+            let Some(rest) = k.strip_prefix(p.as_slice()) else {
+                break;
+            };
+            let id = std::str::from_utf8(rest).map_err(|e| StorageError::Corrupt {
+                table,
+                reason: e.to_string(),
+            })?;
+            out.push(id.to_owned());
+        }
+        Ok(out)
+    }
+
+    // ---- Raft log and metadata -------------------------------------------------------------
+
+    /// Appends (or overwrites) log entries and syncs them to disk before returning.
+    pub fn log_append<I>(&self, entries: I) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = (u64, Vec<u8>)>,
+    {
+        let cf = self.cf(CF_RAFT_LOG)?;
+        let mut batch = WriteBatch::default();
+        for (index, bytes) in entries {
+            batch.put_cf(cf, u64_key(index), bytes);
+        }
+        self.db.write_opt(batch, &sync_opts())?;
+        Ok(())
+    }
+
+    /// Entries with `start <= index < end`, in order.
+    pub fn log_range(
+        &self,
+        start: u64,
+        end: Option<u64>,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+        let from = u64_key(start);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf(CF_RAFT_LOG)?,
+            IteratorMode::From(&from, Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            let index = key_u64(CF_RAFT_LOG, &k)?;
+            if end.is_some_and(|end| index >= end) {
+                break;
+            }
+            out.push((index, v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The entry with the highest index, if any.
+    pub fn log_last(&self) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
+        match self
+            .db
+            .iterator_cf(self.cf(CF_RAFT_LOG)?, IteratorMode::End)
+            .next()
+        {
+            Some(item) => {
+                let (k, v) = item?;
+                Ok(Some((key_u64(CF_RAFT_LOG, &k)?, v.to_vec())))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Deletes every entry with index >= `from` (synced).
+    pub fn log_truncate_from(&self, from: u64) -> Result<(), StorageError> {
+        let cf = self.cf(CF_RAFT_LOG)?;
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(cf, u64_key(from), u64_key(u64::MAX));
+        batch.delete_cf(cf, u64_key(u64::MAX));
+        self.db.write_opt(batch, &sync_opts())?;
+        Ok(())
+    }
+
+    /// Records `last_purged` and deletes every entry with index <= `upto`, atomically (synced).
+    pub fn log_purge_upto(&self, upto: u64, last_purged: Vec<u8>) -> Result<(), StorageError> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            self.cf(CF_RAFT_META)?,
+            MetaKey::LastPurged.as_bytes(),
+            last_purged,
+        );
+        batch.delete_range_cf(
+            self.cf(CF_RAFT_LOG)?,
+            u64_key(0),
+            u64_key(upto.saturating_add(1)),
+        );
+        self.db.write_opt(batch, &sync_opts())?;
+        Ok(())
+    }
+
+    /// Reads a Raft metadata value.
+    pub fn meta_get(&self, key: MetaKey) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.db.get_cf(self.cf(CF_RAFT_META)?, key.as_bytes())?)
+    }
+
+    /// Writes a Raft metadata value, synced to disk before returning.
+    pub fn meta_put(&self, key: MetaKey, value: Vec<u8>) -> Result<(), StorageError> {
+        self.db
+            .put_cf_opt(self.cf(CF_RAFT_META)?, key.as_bytes(), value, &sync_opts())?;
+        Ok(())
+    }
+
+    /// The current snapshot blob, as saved by [`Store::snapshot_put`].
+    pub fn snapshot_get(&self) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.db.get_cf(self.cf(CF_SNAPSHOT)?, SNAPSHOT_CURRENT)?)
+    }
+
+    /// Replaces the current snapshot blob (synced).
+    pub fn snapshot_put(&self, blob: Vec<u8>) -> Result<(), StorageError> {
+        self.db
+            .put_cf_opt(self.cf(CF_SNAPSHOT)?, SNAPSHOT_CURRENT, blob, &sync_opts())?;
+        Ok(())
+    }
+
+    /// Syncs the write-ahead log: everything written before is durable afterwards.
+    pub fn sync(&self) -> Result<(), StorageError> {
+        self.db.flush_wal(true)?;
+        Ok(())
+    }
+
+    // ---- State-machine reads ---------------------------------------------------------------
+
+    /// The global revision: +1 for every applied command that changed something.
+    pub fn revision(&self) -> Result<u64, StorageError> {
+        Ok(self.get_typed(CF_SM_META, SM_REVISION)?.unwrap_or(0))
+    }
+
+    /// The Raft applied state as last written by [`Store::apply`] (opaque to this crate).
+    pub fn applied_state(&self) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.db.get_cf(self.cf(CF_SM_META)?, SM_APPLIED)?)
+    }
+
+    pub fn get_entry(&self, id: &str) -> Result<Option<RegistrationEntry>, StorageError> {
+        self.get_typed(CF_ENTRIES, id.as_bytes())
+    }
+
+    /// All entries, ordered by ID.
+    pub fn list_entries(&self) -> Result<Vec<RegistrationEntry>, StorageError> {
+        self.scan_typed(CF_ENTRIES)
+    }
+
+    fn entries_by_ids(&self, ids: Vec<String>) -> Result<Vec<RegistrationEntry>, StorageError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let entry = self.get_entry(&id)?.ok_or_else(|| StorageError::Corrupt {
+                table: CF_ENTRIES,
+                reason: format!("index names missing entry {id}"),
+            })?;
+            out.push(entry);
+        }
+        Ok(out)
+    }
+
+    /// Entries whose parent is `parent_id`.
+    pub fn entries_by_parent(
+        &self,
+        parent_id: &SpiffeId,
+    ) -> Result<Vec<RegistrationEntry>, StorageError> {
+        let ids = self.scan_index(CF_ENTRIES_BY_PARENT, parent_id.as_str())?;
+        self.entries_by_ids(ids)
+    }
+
+    /// Entries that issue `spiffe_id`.
+    pub fn entries_by_spiffe_id(
+        &self,
+        spiffe_id: &SpiffeId,
+    ) -> Result<Vec<RegistrationEntry>, StorageError> {
+        let ids = self.scan_index(CF_ENTRIES_BY_SPIFFE_ID, spiffe_id.as_str())?;
+        self.entries_by_ids(ids)
+    }
+
+    /// Entries that have `selector` among their selectors.
+    pub fn entries_by_selector(
+        &self,
+        selector: &Selector,
+    ) -> Result<Vec<RegistrationEntry>, StorageError> {
+        let ids = self.scan_index(CF_ENTRIES_BY_SELECTOR, &selector.to_string())?;
+        self.entries_by_ids(ids)
+    }
+
+    pub fn get_agent(&self, spiffe_id: &SpiffeId) -> Result<Option<AttestedAgent>, StorageError> {
+        self.get_typed(CF_AGENTS, spiffe_id.as_str().as_bytes())
+    }
+
+    pub fn list_agents(&self) -> Result<Vec<AttestedAgent>, StorageError> {
+        self.scan_typed(CF_AGENTS)
+    }
+
+    pub fn get_join_token(&self, token: &str) -> Result<Option<JoinToken>, StorageError> {
+        self.get_typed(CF_JOIN_TOKENS, token.as_bytes())
+    }
+
+    pub fn list_join_tokens(&self) -> Result<Vec<JoinToken>, StorageError> {
+        self.scan_typed(CF_JOIN_TOKENS)
+    }
+
+    pub fn get_bundle(&self, td: &TrustDomain) -> Result<Option<StoredBundle>, StorageError> {
+        self.get_typed(CF_BUNDLES, td.name().as_bytes())
+    }
+
+    /// Every bundle (the local one and federated ones), ordered by trust domain.
+    pub fn list_bundles(&self) -> Result<Vec<StoredBundle>, StorageError> {
+        self.scan_typed(CF_BUNDLES)
+    }
+
+    pub fn get_federation(
+        &self,
+        td: &TrustDomain,
+    ) -> Result<Option<FederationRelationship>, StorageError> {
+        self.get_typed(CF_FEDERATION, td.name().as_bytes())
+    }
+
+    pub fn list_federations(&self) -> Result<Vec<FederationRelationship>, StorageError> {
+        self.scan_typed(CF_FEDERATION)
+    }
+
+    pub fn get_authority(&self, authority_id: &str) -> Result<Option<CaAuthority>, StorageError> {
+        self.get_typed(CF_CA_JOURNAL, authority_id.as_bytes())
+    }
+
+    /// The whole CA journal, every node.
+    pub fn list_authorities(&self) -> Result<Vec<CaAuthority>, StorageError> {
+        self.scan_typed(CF_CA_JOURNAL)
+    }
+
+    // ---- Writes (used by apply) ------------------------------------------------------------
+
+    pub(crate) fn write_batch(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        // Not synced per entry: apply callers sync once per batch of entries with `sync()`.
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    pub(crate) fn put_typed<T>(
+        &self,
+        batch: &mut WriteBatch,
+        table: &'static str,
+        key: &[u8],
+        value: &T,
+    ) -> Result<(), StorageError>
+    where
+        T: Serialize,
+    {
+        batch.put_cf(self.cf(table)?, key, encode(table, value)?);
+        Ok(())
+    }
+
+    pub(crate) fn put_raw(
+        &self,
+        batch: &mut WriteBatch,
+        table: &'static str,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<(), StorageError> {
+        batch.put_cf(self.cf(table)?, key, value);
+        Ok(())
+    }
+
+    pub(crate) fn delete(
+        &self,
+        batch: &mut WriteBatch,
+        table: &'static str,
+        key: &[u8],
+    ) -> Result<(), StorageError> {
+        batch.delete_cf(self.cf(table)?, key);
+        Ok(())
+    }
+
+    pub(crate) fn set_revision(
+        &self,
+        batch: &mut WriteBatch,
+        revision: u64,
+    ) -> Result<(), StorageError> {
+        self.put_typed(batch, CF_SM_META, SM_REVISION, &revision)
+    }
+
+    pub(crate) fn set_applied(
+        &self,
+        batch: &mut WriteBatch,
+        applied: &[u8],
+    ) -> Result<(), StorageError> {
+        self.put_raw(batch, CF_SM_META, SM_APPLIED, applied)
+    }
+
+    // ---- Snapshots -------------------------------------------------------------------------
+
+    /// Serializes the whole replicated state from one consistent RocksDB snapshot. Returns the
+    /// data and the applied state recorded in it.
+    pub fn export_state(&self) -> Result<(Vec<u8>, Option<Vec<u8>>), StorageError> {
+        let snap = self.db.snapshot();
+        let mut out = Vec::new();
+        out.extend_from_slice(SNAPSHOT_MAGIC);
+        out.push(SNAPSHOT_VERSION);
+        let mut applied = None;
+        for (table_index, name) in STATE_CFS.iter().enumerate() {
+            let cf = self.cf(name)?;
+            for item in snap.iterator_cf(cf, IteratorMode::Start) {
+                let (k, v) = item?;
+                if *name == CF_SM_META && &*k == SM_APPLIED {
+                    applied = Some(v.to_vec());
+                }
+                let too_long = |_| StorageError::BadSnapshot(format!("record in {name} too large"));
+                out.push(table_index as u8);
+                out.extend_from_slice(&u32::try_from(k.len()).map_err(too_long)?.to_be_bytes());
+                out.extend_from_slice(&k);
+                out.extend_from_slice(&u32::try_from(v.len()).map_err(too_long)?.to_be_bytes());
+                out.extend_from_slice(&v);
+            }
+        }
+        Ok((out, applied))
+    }
+
+    /// Replaces the whole replicated state with `data` from [`Store::export_state`], atomically and
+    /// synced. Returns the applied state recorded in it. On error nothing is changed.
+    pub fn import_state(&self, data: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        let records = parse_snapshot(data)?;
+        let mut batch = WriteBatch::default();
+        for name in STATE_CFS {
+            let cf = self.cf(name)?;
+            for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+                let (k, _) = item?;
+                batch.delete_cf(cf, k);
+            }
+        }
+        let mut applied = None;
+        for (table_index, k, v) in records {
+            let name = STATE_CFS[table_index];
+            if name == CF_SM_META && k == SM_APPLIED {
+                applied = Some(v.to_vec());
+            }
+            batch.put_cf(self.cf(name)?, k, v);
+        }
+        self.db.write_opt(batch, &sync_opts())?;
+        Ok(applied)
+    }
+}
+
+/// One snapshot record: table position in [`STATE_CFS`], key, value.
+type Record<'a> = (usize, &'a [u8], &'a [u8]);
+
+fn parse_snapshot(data: &[u8]) -> Result<Vec<Record<'_>>, StorageError> {
+    let bad = |m: &str| StorageError::BadSnapshot(m.to_owned());
+    let rest = data
+        .strip_prefix(SNAPSHOT_MAGIC.as_slice())
+        .ok_or_else(|| bad("missing magic"))?;
+    let (&version, mut rest) = rest.split_first().ok_or_else(|| bad("missing version"))?;
+    if version != SNAPSHOT_VERSION {
+        return Err(StorageError::BadSnapshot(format!(
+            "snapshot format version {version}; this build reads {SNAPSHOT_VERSION}"
+        )));
+    }
+    fn take<'a>(rest: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        if rest.len() < n {
+            return None;
+        }
+        let (a, b) = rest.split_at(n);
+        *rest = b;
+        Some(a)
+    }
+    fn take_len(rest: &mut &[u8]) -> Option<usize> {
+        let b: [u8; 4] = take(rest, 4)?.try_into().ok()?;
+        usize::try_from(u32::from_be_bytes(b)).ok()
+    }
+    let mut out = Vec::new();
+    while let Some((&table_index, r)) = rest.split_first() {
+        rest = r;
+        if usize::from(table_index) >= STATE_CFS.len() {
+            return Err(StorageError::BadSnapshot(format!(
+                "unknown table {table_index}"
+            )));
+        }
+        let klen = take_len(&mut rest).ok_or_else(|| bad("truncated key length"))?;
+        let k = take(&mut rest, klen).ok_or_else(|| bad("truncated key"))?;
+        let vlen = take_len(&mut rest).ok_or_else(|| bad("truncated value length"))?;
+        let v = take(&mut rest, vlen).ok_or_else(|| bad("truncated value"))?;
+        out.push((usize::from(table_index), k, v));
+    }
+    Ok(out)
+}

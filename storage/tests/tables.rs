@@ -1,0 +1,652 @@
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
+//! Behaviour of the storage tables and of command application.
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use plinth_spiffe::x509::{self_signed_ca, CaTemplate};
+use plinth_spiffe::{KeyType, PrivateKey, Selector, Selectors, SpiffeId, TrustDomain};
+use plinth_storage::{
+    AuthorityPublic, AuthorityStatus, BundleEndpointProfile, CaAuthority, Change, Command,
+    CommandError, FederationRelationship, JoinToken, MetaKey, Outcome, Proposal, RegistrationEntry,
+    Response, StorageError, Store, StoredBundle, StoredJwtAuthority,
+};
+
+struct Db {
+    _dir: tempfile::TempDir,
+    store: Store,
+    index: u64,
+}
+
+impl Db {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("data")).unwrap();
+        Self {
+            _dir: dir,
+            store,
+            index: 0,
+        }
+    }
+
+    fn apply_at(&mut self, now: i64, command: Command) -> Response {
+        self.index += 1;
+        let applied = self.index.to_be_bytes();
+        self.store
+            .apply(self.index, Some(&Proposal { now, command }), &applied)
+            .unwrap()
+            .response
+    }
+
+    fn apply(&mut self, command: Command) -> Response {
+        self.apply_at(1_000, command)
+    }
+
+    fn ok(&mut self, command: Command) -> Outcome {
+        let r = self.apply(command);
+        r.result.unwrap_or_else(|e| panic!("refused: {e}"))
+    }
+
+    fn refused(&mut self, command: Command) -> CommandError {
+        let before = self.store.revision().unwrap();
+        let r = self.apply(command);
+        assert_eq!(
+            r.revision, before,
+            "a refused command must not bump the revision"
+        );
+        r.result.expect_err("command should be refused")
+    }
+}
+
+fn id(s: &str) -> SpiffeId {
+    SpiffeId::new(s).unwrap()
+}
+
+fn td(s: &str) -> TrustDomain {
+    TrustDomain::new(s).unwrap()
+}
+
+fn sels(items: &[&str]) -> Selectors {
+    Selectors::parse_all(items).unwrap()
+}
+
+fn entry(entry_id: &str, spiffe: &str, parent: &str, selectors: &[&str]) -> RegistrationEntry {
+    RegistrationEntry {
+        id: entry_id.into(),
+        spiffe_id: id(spiffe),
+        parent_id: id(parent),
+        selectors: sels(selectors),
+        x509_svid_ttl: 3600,
+        jwt_svid_ttl: 300,
+        federates_with: vec![],
+        admin: false,
+        downstream: false,
+        expires_at: None,
+        dns_names: vec![],
+        hint: String::new(),
+        revision: 0,
+        created_at: 0,
+    }
+}
+
+fn ca_cert(domain: &str) -> Vec<u8> {
+    let key = PrivateKey::generate(KeyType::EcP256).unwrap();
+    let t = CaTemplate::new(
+        td(domain),
+        time::OffsetDateTime::now_utc(),
+        Duration::from_secs(3600),
+    );
+    self_signed_ca(&t, Arc::new(key)).unwrap()
+}
+
+fn jwt_key(kid: &str) -> StoredJwtAuthority {
+    use plinth_spiffe::Signer;
+    let key = PrivateKey::generate(KeyType::EcP256).unwrap();
+    StoredJwtAuthority {
+        key_id: kid.into(),
+        public_key_spki: key.public_key_spki().to_vec(),
+    }
+}
+
+#[test]
+fn t10_data_dir_is_private_even_if_it_existed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a/b/data");
+    let _store = Store::open(&path).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+
+    let loose = dir.path().join("loose");
+    std::fs::create_dir(&loose).unwrap();
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let _store = Store::open(&loose).unwrap();
+    let mode = std::fs::metadata(&loose).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+}
+
+#[test]
+fn t10_raft_log_append_read_truncate_purge_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Store::open(dir.path()).unwrap();
+        s.log_append((1..=10).map(|i| (i, vec![i as u8]))).unwrap();
+        assert_eq!(s.log_last().unwrap(), Some((10, vec![10])));
+        let r = s.log_range(3, Some(6)).unwrap();
+        assert_eq!(r.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![3, 4, 5]);
+        s.log_truncate_from(8).unwrap();
+        assert_eq!(s.log_last().unwrap().map(|(i, _)| i), Some(7));
+        s.log_purge_upto(4, b"p4".to_vec()).unwrap();
+        s.meta_put(MetaKey::Vote, b"vote".to_vec()).unwrap();
+        s.meta_put(MetaKey::Committed, b"c7".to_vec()).unwrap();
+    }
+    let s = Store::open(dir.path()).unwrap();
+    let r = s.log_range(0, None).unwrap();
+    assert_eq!(r.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![5, 6, 7]);
+    assert_eq!(
+        s.meta_get(MetaKey::LastPurged).unwrap(),
+        Some(b"p4".to_vec())
+    );
+    assert_eq!(s.meta_get(MetaKey::Vote).unwrap(), Some(b"vote".to_vec()));
+    assert_eq!(
+        s.meta_get(MetaKey::Committed).unwrap(),
+        Some(b"c7".to_vec())
+    );
+    s.log_purge_upto(7, b"p7".to_vec()).unwrap();
+    assert_eq!(s.log_last().unwrap(), None);
+}
+
+#[test]
+fn t20_entry_create_update_delete_maintain_indexes() {
+    let mut db = Db::new();
+    let parent = "spiffe://example.org/agent/a";
+    let out = db.ok(Command::EntryCreate {
+        entry: entry(
+            "e1",
+            "spiffe://example.org/web",
+            parent,
+            &["unix:uid:1000", "unix:gid:5"],
+        ),
+    });
+    let Outcome::Entry { entry: e1 } = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(e1.revision, 1);
+    assert_eq!(e1.created_at, 1_000);
+    let s = &db.store;
+    assert_eq!(s.get_entry("e1").unwrap(), Some(e1.clone()));
+    assert_eq!(s.entries_by_parent(&id(parent)).unwrap(), vec![e1.clone()]);
+    assert_eq!(
+        s.entries_by_spiffe_id(&id("spiffe://example.org/web"))
+            .unwrap(),
+        vec![e1.clone()]
+    );
+    let uid = Selector::parse("unix:uid:1000").unwrap();
+    assert_eq!(s.entries_by_selector(&uid).unwrap(), vec![e1.clone()]);
+
+    // Update moves the indexes.
+    let mut changed = entry("e1", "spiffe://example.org/api", parent, &["unix:uid:2000"]);
+    changed.hint = "api".into();
+    let out = db.ok(Command::EntryUpdate {
+        entry: changed,
+        expected_revision: Some(1),
+    });
+    let Outcome::Entry { entry: e1b } = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(e1b.revision, 2);
+    assert_eq!(e1b.created_at, 1_000);
+    let s = &db.store;
+    assert!(s.entries_by_selector(&uid).unwrap().is_empty());
+    assert!(s
+        .entries_by_spiffe_id(&id("spiffe://example.org/web"))
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        s.entries_by_selector(&Selector::parse("unix:uid:2000").unwrap())
+            .unwrap(),
+        vec![e1b.clone()]
+    );
+
+    // A stale compare-and-set loses.
+    let err = db.refused(Command::EntryUpdate {
+        entry: entry("e1", "spiffe://example.org/x", parent, &["unix:uid:1"]),
+        expected_revision: Some(1),
+    });
+    assert_eq!(
+        err,
+        CommandError::EntryRevisionMismatch {
+            id: "e1".into(),
+            expected: 1,
+            actual: 2
+        }
+    );
+
+    db.ok(Command::EntryDelete { id: "e1".into() });
+    let s = &db.store;
+    assert_eq!(s.get_entry("e1").unwrap(), None);
+    assert!(s.entries_by_parent(&id(parent)).unwrap().is_empty());
+    assert!(s
+        .entries_by_selector(&Selector::parse("unix:uid:2000").unwrap())
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        db.refused(Command::EntryDelete { id: "e1".into() }),
+        CommandError::EntryNotFound { id: "e1".into() }
+    );
+}
+
+#[test]
+fn t20_conflicting_entries_are_refused() {
+    let mut db = Db::new();
+    let p = "spiffe://example.org/agent/a";
+    db.ok(Command::EntryCreate {
+        entry: entry("e1", "spiffe://example.org/web", p, &["unix:uid:1000"]),
+    });
+    assert_eq!(
+        db.refused(Command::EntryCreate {
+            entry: entry("e2", "spiffe://example.org/web", p, &["unix:uid:1000"]),
+        }),
+        CommandError::EntryConflict {
+            existing_id: "e1".into()
+        }
+    );
+    assert_eq!(
+        db.refused(Command::EntryCreate {
+            entry: entry("e1", "spiffe://example.org/other", p, &["unix:uid:1"]),
+        }),
+        CommandError::EntryIdExists { id: "e1".into() }
+    );
+    assert_eq!(
+        db.refused(Command::EntryCreate {
+            entry: entry("e3", "spiffe://example.org/web", p, &[]),
+        }),
+        CommandError::EntryWithoutSelectors
+    );
+    // Same ID under another parent or with other selectors is fine.
+    db.ok(Command::EntryCreate {
+        entry: entry("e4", "spiffe://example.org/web", p, &["unix:uid:1001"]),
+    });
+    // Updating e4 into e1's mapping is a conflict too.
+    assert_eq!(
+        db.refused(Command::EntryUpdate {
+            entry: entry("e4", "spiffe://example.org/web", p, &["unix:uid:1000"]),
+            expected_revision: None,
+        }),
+        CommandError::EntryConflict {
+            existing_id: "e1".into()
+        }
+    );
+    assert_eq!(db.store.list_entries().unwrap().len(), 2);
+}
+
+#[test]
+fn t30_join_token_is_consumed_exactly_once() {
+    let mut db = Db::new();
+    let token = JoinToken {
+        token: "s3cret".into(),
+        spiffe_id: None,
+        expires_at: 2_000,
+    };
+    db.ok(Command::JoinTokenCreate {
+        token: token.clone(),
+    });
+    assert_eq!(
+        db.refused(Command::JoinTokenCreate {
+            token: token.clone()
+        }),
+        CommandError::JoinTokenExists
+    );
+    assert!(
+        !format!("{token:?}").contains("s3cret"),
+        "Debug must hide the token"
+    );
+
+    let agent = id("spiffe://example.org/spire/agent/join_token/s3cret");
+    let attest = |serial: &str| Command::AgentAttest {
+        spiffe_id: agent.clone(),
+        attestation_type: "join_token".into(),
+        selectors: Selectors::new(),
+        serial_number: serial.into(),
+        expires_at: 5_000,
+        join_token: Some("s3cret".into()),
+    };
+    // Two racing attestations: the first in log order wins, the second is refused, and the
+    // refused one leaves the winner's record alone.
+    let first = db.ok(attest("01"));
+    assert!(matches!(first, Outcome::Agent { ref agent } if agent.serial_number == "01"));
+    assert_eq!(db.refused(attest("02")), CommandError::JoinTokenNotFound);
+    assert_eq!(
+        db.store.get_agent(&agent).unwrap().unwrap().serial_number,
+        "01"
+    );
+    assert_eq!(
+        db.refused(Command::JoinTokenConsume {
+            token: "s3cret".into()
+        }),
+        CommandError::JoinTokenNotFound
+    );
+}
+
+#[test]
+fn t30_expired_tokens_are_refused_and_pruned_by_leader_time() {
+    let mut db = Db::new();
+    for (t, exp) in [("a", 1_500), ("b", 3_000)] {
+        db.ok(Command::JoinTokenCreate {
+            token: JoinToken {
+                token: t.into(),
+                spiffe_id: None,
+                expires_at: exp,
+            },
+        });
+    }
+    let r = db.apply_at(1_500, Command::JoinTokenConsume { token: "a".into() });
+    assert_eq!(r.result, Err(CommandError::JoinTokenExpired));
+    let r = db.apply_at(2_000, Command::JoinTokenPrune);
+    assert_eq!(r.result, Ok(Outcome::JoinTokensPruned { count: 1 }));
+    assert_eq!(db.store.list_join_tokens().unwrap().len(), 1);
+    let r = db.apply_at(2_999, Command::JoinTokenConsume { token: "b".into() });
+    assert!(matches!(r.result, Ok(Outcome::JoinTokenConsumed { ref token }) if token.token == "b"));
+}
+
+#[test]
+fn t30_ban_renew_and_evict() {
+    let mut db = Db::new();
+    let a = id("spiffe://example.org/spire/agent/x509pop/abc");
+    let attest = Command::AgentAttest {
+        spiffe_id: a.clone(),
+        attestation_type: "x509pop".into(),
+        selectors: sels(&["x509pop:subject:cn:node1"]),
+        serial_number: "aa".into(),
+        expires_at: 5_000,
+        join_token: None,
+    };
+    db.ok(attest.clone());
+    let renew = |cur: &str, new: &str| Command::AgentRenew {
+        spiffe_id: a.clone(),
+        current_serial: cur.into(),
+        new_serial: new.into(),
+        expires_at: 9_000,
+    };
+    db.ok(renew("aa", "bb"));
+    // The old SVID can no longer renew, so two racing renewals cannot both win.
+    assert!(matches!(
+        db.refused(renew("aa", "cc")),
+        CommandError::AgentSerialMismatch { .. }
+    ));
+    db.ok(Command::AgentBan {
+        spiffe_id: a.clone(),
+    });
+    let stored = db.store.get_agent(&a).unwrap().unwrap();
+    assert!(stored.banned);
+    assert!(stored.serial_number.is_empty());
+    assert!(matches!(
+        db.refused(renew("bb", "dd")),
+        CommandError::AgentBanned { .. }
+    ));
+    assert!(matches!(
+        db.refused(attest.clone()),
+        CommandError::AgentBanned { .. }
+    ));
+    // Evicting deletes the record; the agent may then attest again.
+    db.ok(Command::AgentEvict {
+        spiffe_id: a.clone(),
+    });
+    assert_eq!(db.store.get_agent(&a).unwrap(), None);
+    db.ok(attest);
+    assert!(!db.store.get_agent(&a).unwrap().unwrap().banned);
+}
+
+#[test]
+fn t40_bundle_sequence_rises_by_one_per_change() {
+    let mut db = Db::new();
+    let d = td("example.org");
+    let c1 = ca_cert("example.org");
+    let append = |x509: Vec<Vec<u8>>, jwt: Vec<StoredJwtAuthority>| Command::BundleAppend {
+        trust_domain: d.clone(),
+        x509_authorities: x509,
+        jwt_authorities: jwt,
+    };
+    let seq = |o: Outcome| match o {
+        Outcome::Bundle { bundle } => bundle.sequence_number,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(seq(db.ok(append(vec![c1.clone()], vec![]))), 1);
+    assert_eq!(
+        seq(db.ok(append(vec![c1.clone()], vec![]))),
+        1,
+        "no change, no bump"
+    );
+    assert_eq!(seq(db.ok(append(vec![], vec![jwt_key("k1")]))), 2);
+
+    // A federated bundle: a peer may not roll its sequence back.
+    let fd = td("other.org");
+    let mut b = StoredBundle::new(fd.clone());
+    b.x509_authorities.push(ca_cert("other.org"));
+    b.sequence_number = 7;
+    assert_eq!(seq(db.ok(Command::BundleSet { bundle: b.clone() })), 7);
+    let mut older = b.clone();
+    older.sequence_number = 3;
+    older.refresh_hint_secs = Some(60);
+    assert!(matches!(
+        db.refused(Command::BundleSet { bundle: older }),
+        CommandError::BundleSequenceRegressed {
+            stored: 7,
+            offered: 3,
+            ..
+        }
+    ));
+    let mut changed = b.clone();
+    changed.sequence_number = 0;
+    changed.refresh_hint_secs = Some(60);
+    assert_eq!(seq(db.ok(Command::BundleSet { bundle: changed })), 8);
+
+    let mut bad = StoredBundle::new(fd.clone());
+    bad.x509_authorities.push(b"not a certificate".to_vec());
+    assert!(matches!(
+        db.refused(Command::BundleSet { bundle: bad }),
+        CommandError::InvalidBundle { .. }
+    ));
+    assert_eq!(db.store.list_bundles().unwrap().len(), 2);
+    let stored = db.store.get_bundle(&fd).unwrap().unwrap();
+    let spiffe_bundle = stored.to_bundle().unwrap();
+    assert_eq!(spiffe_bundle.sequence_number(), 8);
+    assert_eq!(StoredBundle::from_bundle(&spiffe_bundle), stored);
+}
+
+#[test]
+fn t40_federation_relationships() {
+    let mut db = Db::new();
+    let rel = FederationRelationship {
+        trust_domain: td("other.org"),
+        bundle_endpoint_url: "https://other.org/bundle".into(),
+        profile: BundleEndpointProfile::HttpsSpiffe {
+            endpoint_spiffe_id: id("spiffe://other.org/bundle-server"),
+        },
+    };
+    db.ok(Command::FederationCreate {
+        relationship: rel.clone(),
+    });
+    assert!(matches!(
+        db.refused(Command::FederationCreate {
+            relationship: rel.clone()
+        }),
+        CommandError::FederationExists { .. }
+    ));
+    let mut web = rel.clone();
+    web.profile = BundleEndpointProfile::HttpsWeb;
+    db.ok(Command::FederationUpdate {
+        relationship: web.clone(),
+    });
+    assert_eq!(db.store.list_federations().unwrap(), vec![web]);
+    db.ok(Command::FederationDelete {
+        trust_domain: td("other.org"),
+    });
+    assert!(matches!(
+        db.refused(Command::FederationDelete {
+            trust_domain: td("other.org")
+        }),
+        CommandError::FederationNotFound { .. }
+    ));
+}
+
+#[test]
+fn t50_ca_journal_transitions_keep_one_active_authority_per_node() {
+    let mut db = Db::new();
+    let d = td("example.org");
+    let auth = |aid: &str, node: u64, cert: Vec<u8>| CaAuthority {
+        authority_id: aid.into(),
+        node_id: node,
+        slot: "A".into(),
+        public: AuthorityPublic::X509 { cert_der: cert },
+        not_after: 10_000,
+        status: AuthorityStatus::Active, // apply overrides it with Prepared
+        upstream_authority_id: None,
+        updated_at: 0,
+    };
+    let (c1, c2) = (ca_cert("example.org"), ca_cert("example.org"));
+    let prep = |a: CaAuthority| Command::CaPrepare {
+        trust_domain: d.clone(),
+        authority: a,
+    };
+    db.ok(prep(auth("a1", 1, c1.clone())));
+    let status = |db: &Db, aid: &str| db.store.get_authority(aid).unwrap().unwrap().status;
+    assert_eq!(status(&db, "a1"), AuthorityStatus::Prepared);
+    let bundle = db.store.get_bundle(&d).unwrap().unwrap();
+    assert_eq!(
+        bundle.x509_authorities,
+        vec![c1.clone()],
+        "prepared key is in the bundle"
+    );
+    assert_eq!(bundle.sequence_number, 1);
+
+    assert!(matches!(
+        db.refused(Command::CaTaint {
+            authority_id: "a1".into()
+        }),
+        CommandError::AuthorityWrongStatus { .. }
+    ));
+    db.ok(Command::CaActivate {
+        authority_id: "a1".into(),
+    });
+    db.ok(prep(auth("a2", 1, c2.clone())));
+    db.ok(Command::CaActivate {
+        authority_id: "a2".into(),
+    });
+    assert_eq!(status(&db, "a1"), AuthorityStatus::Old);
+    assert_eq!(status(&db, "a2"), AuthorityStatus::Active);
+    let actives = db
+        .store
+        .list_authorities()
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.node_id == 1 && a.status == AuthorityStatus::Active)
+        .count();
+    assert_eq!(actives, 1);
+
+    assert!(matches!(
+        db.refused(Command::CaRevoke {
+            trust_domain: d.clone(),
+            authority_id: "a1".into()
+        }),
+        CommandError::AuthorityWrongStatus { .. }
+    ));
+    db.ok(Command::CaTaint {
+        authority_id: "a1".into(),
+    });
+    db.ok(Command::CaRevoke {
+        trust_domain: d.clone(),
+        authority_id: "a1".into(),
+    });
+    assert_eq!(status(&db, "a1"), AuthorityStatus::Revoked);
+    let bundle = db.store.get_bundle(&d).unwrap().unwrap();
+    assert_eq!(bundle.x509_authorities, vec![c2]);
+    assert_eq!(bundle.sequence_number, 3);
+}
+
+#[test]
+fn t60_changes_carry_the_revision_and_never_the_token() {
+    let mut db = Db::new();
+    db.index += 1;
+    let applied = db
+        .store
+        .apply(
+            db.index,
+            Some(&Proposal {
+                now: 1,
+                command: Command::JoinTokenCreate {
+                    token: JoinToken {
+                        token: "tok".into(),
+                        spiffe_id: None,
+                        expires_at: 100,
+                    },
+                },
+            }),
+            b"x",
+        )
+        .unwrap();
+    assert_eq!(applied.changes.len(), 1);
+    assert_eq!(applied.changes[0].revision, 1);
+    assert_eq!(applied.changes[0].log_index, 1);
+    assert_eq!(applied.changes[0].change, Change::JoinTokensChanged);
+    // Raft-internal entries change nothing but record the applied state.
+    let applied = db.store.apply(2, None, b"y").unwrap();
+    assert!(applied.changes.is_empty());
+    assert_eq!(applied.response.revision, 1);
+    assert_eq!(db.store.applied_state().unwrap(), Some(b"y".to_vec()));
+}
+
+#[test]
+fn t70_snapshot_export_import_reproduces_state() {
+    let mut a = Db::new();
+    a.ok(Command::EntryCreate {
+        entry: entry(
+            "e1",
+            "spiffe://example.org/web",
+            "spiffe://example.org/agent",
+            &["unix:uid:1"],
+        ),
+    });
+    a.ok(Command::BundleAppend {
+        trust_domain: td("example.org"),
+        x509_authorities: vec![ca_cert("example.org")],
+        jwt_authorities: vec![],
+    });
+    let (data, applied) = a.store.export_state().unwrap();
+    assert_eq!(applied, Some(2u64.to_be_bytes().to_vec()));
+
+    let mut b = Db::new();
+    b.ok(Command::EntryCreate {
+        entry: entry(
+            "stale",
+            "spiffe://example.org/old",
+            "spiffe://example.org/agent",
+            &["unix:uid:9"],
+        ),
+    });
+    // A corrupt snapshot changes nothing.
+    assert!(matches!(
+        b.store.import_state(&data[..data.len() - 3]),
+        Err(StorageError::BadSnapshot(_))
+    ));
+    assert!(b.store.get_entry("stale").unwrap().is_some());
+
+    assert_eq!(b.store.import_state(&data).unwrap(), applied);
+    assert_eq!(b.store.get_entry("stale").unwrap(), None);
+    assert!(b
+        .store
+        .entries_by_selector(&Selector::parse("unix:uid:9").unwrap())
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        b.store.list_entries().unwrap(),
+        a.store.list_entries().unwrap()
+    );
+    assert_eq!(
+        b.store.list_bundles().unwrap(),
+        a.store.list_bundles().unwrap()
+    );
+    assert_eq!(b.store.revision().unwrap(), a.store.revision().unwrap());
+    assert_eq!(b.store.export_state().unwrap().0, data);
+}
