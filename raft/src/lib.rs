@@ -3,3 +3,18 @@
 //! linearizable reads.
 //!
 //! Owns: every use of openraft in plinth. Must not depend on: rocksdb directly, server, agent.
+//! The commands themselves and their deterministic application live in plinth-storage
+//! ([`plinth_storage::Command`], [`plinth_storage::Store::apply`]) so they are testable without
+//! Raft; this crate orders them.
+
+// openraft's StorageError and RaftError are large (>200 bytes) and fixed by its traits; boxing
+// them at every internal helper would only add conversions.
+#![allow(clippy::result_large_err)]
+
+pub mod log_store;
+pub mod state_machine;
+pub mod types;
+
+pub use log_store::LogStore;
+pub use state_machine::StateMachine;
+pub use types::{NodeId, TypeConfig};

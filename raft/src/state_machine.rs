@@ -1,0 +1,250 @@
+//! The replicated state machine on RocksDB ([`openraft::storage::RaftStateMachine`]).
+//!
+//! Applying a log entry is one atomic RocksDB batch (the command's changes, the global revision
+//! and the applied log ID with membership); a batch of entries is synced before `apply` returns,
+//! and only then are its changes published to subscribers. Snapshots are read from one RocksDB
+//! snapshot, so they are consistent while apply goes on.
+
+use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use openraft::storage::RaftStateMachine;
+use openraft::{AnyError, EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError};
+use plinth_storage::codec::{b64, decode, encode};
+use plinth_storage::{Change, ChangeEvent, Response, Store};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, Mutex};
+
+use crate::types::{
+    Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+};
+
+const T_SM: &str = "sm_meta";
+const T_SNAP: &str = "snapshot";
+
+/// How many change events a slow subscriber may fall behind before it sees `Lagged` and must
+/// reload.
+pub const CHANGE_CHANNEL_CAPACITY: usize = 4096;
+
+/// The applied log ID and membership, stored with every applied entry.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct AppliedState {
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta,
+    #[serde(with = "b64")]
+    data: Vec<u8>,
+}
+
+fn sm_read(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::read_state_machine(AnyError::new(&e)).into()
+}
+
+fn sm_write(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::write_state_machine(AnyError::new(&e)).into()
+}
+
+fn snap_err(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::write_snapshot(None, AnyError::new(&e)).into()
+}
+
+/// The state machine. Build it with [`StateMachine::open`].
+#[derive(Debug)]
+pub struct StateMachine {
+    store: Store,
+    applied: AppliedState,
+    changes: broadcast::Sender<ChangeEvent>,
+    snapshots: Arc<SnapshotShared>,
+}
+
+#[derive(Debug, Default)]
+struct SnapshotShared {
+    /// Serializes saving snapshots, so an older build never replaces a newer snapshot.
+    lock: Mutex<()>,
+    counter: AtomicU64,
+}
+
+impl StateMachine {
+    /// Loads the applied state from `store`.
+    pub fn open(
+        store: Store,
+        changes: broadcast::Sender<ChangeEvent>,
+    ) -> Result<Self, plinth_storage::StorageError> {
+        let applied = match store.applied_state()? {
+            Some(bytes) => decode(T_SM, &bytes)?,
+            None => AppliedState::default(),
+        };
+        Ok(Self {
+            store,
+            applied,
+            changes,
+            snapshots: Arc::default(),
+        })
+    }
+
+    fn publish(&self, events: Vec<ChangeEvent>) {
+        for e in events {
+            // No subscribers is fine.
+            let _ = self.changes.send(e);
+        }
+    }
+}
+
+/// Builds snapshots from a consistent view of the database.
+#[derive(Debug)]
+pub struct SnapshotBuilder {
+    store: Store,
+    shared: Arc<SnapshotShared>,
+}
+
+fn current_snapshot(store: &Store) -> Result<Option<StoredSnapshot>, StorageError> {
+    store
+        .snapshot_get()
+        .map_err(sm_read)?
+        .map(|bytes| decode::<StoredSnapshot>(T_SNAP, &bytes).map_err(sm_read))
+        .transpose()
+}
+
+fn save_snapshot(store: &Store, snap: &StoredSnapshot) -> Result<(), StorageError> {
+    let bytes = encode(T_SNAP, snap).map_err(snap_err)?;
+    store.snapshot_put(bytes).map_err(snap_err)
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let (data, applied) = self.store.export_state().map_err(sm_read)?;
+        let applied: AppliedState = match applied {
+            Some(bytes) => decode(T_SM, &bytes).map_err(sm_read)?,
+            None => AppliedState::default(),
+        };
+        let n = self.shared.counter.fetch_add(1, Ordering::Relaxed);
+        let snapshot_id = match applied.last_applied {
+            Some(id) => format!("{}-{}-{}-{n}", id.leader_id, id.index, std::process::id()),
+            None => format!("none-{}-{n}", std::process::id()),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: applied.last_applied,
+            last_membership: applied.membership,
+            snapshot_id,
+        };
+        let stored = StoredSnapshot { meta, data };
+        {
+            let _guard = self.shared.lock.lock().await;
+            let newer_exists = current_snapshot(&self.store)?
+                .is_some_and(|cur| cur.meta.last_log_id > stored.meta.last_log_id);
+            if !newer_exists {
+                save_snapshot(&self.store, &stored)?;
+            }
+        }
+        Ok(Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        Ok((self.applied.last_applied, self.applied.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut responses = Vec::new();
+        let mut events = Vec::new();
+        for entry in entries {
+            self.applied.last_applied = Some(entry.log_id);
+            let proposal = match entry.payload {
+                EntryPayload::Blank => None,
+                EntryPayload::Normal(p) => Some(p),
+                EntryPayload::Membership(m) => {
+                    self.applied.membership = StoredMembership::new(Some(entry.log_id), m);
+                    None
+                }
+            };
+            let applied_bytes = encode(T_SM, &self.applied).map_err(sm_write)?;
+            let applied = self
+                .store
+                .apply(entry.log_id.index, proposal.as_ref(), &applied_bytes)
+                .map_err(|e| StorageIOError::apply(entry.log_id, AnyError::new(&e)))?;
+            if let (Some(p), Err(e)) = (&proposal, &applied.response.result) {
+                tracing::debug!(index = entry.log_id.index, command = p.command.name(), error = %e, "command refused");
+            }
+            responses.push(applied.response);
+            events.extend(applied.changes);
+        }
+        self.store.sync().map_err(sm_write)?;
+        self.publish(events);
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            store: self.store.clone(),
+            shared: self.snapshots.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let _guard = self.snapshots.lock.lock().await;
+        let applied = self.store.import_state(&data).map_err(snap_err)?;
+        let applied: AppliedState = match applied {
+            Some(bytes) => decode(T_SM, &bytes).map_err(snap_err)?,
+            None => AppliedState::default(),
+        };
+        if applied.last_applied != meta.last_log_id {
+            return Err(StorageIOError::write_snapshot(
+                Some(meta.signature()),
+                AnyError::error(format!(
+                    "snapshot data is applied up to {:?} but its metadata says {:?}",
+                    applied.last_applied, meta.last_log_id
+                )),
+            )
+            .into());
+        }
+        self.applied = AppliedState {
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+        };
+        save_snapshot(
+            &self.store,
+            &StoredSnapshot {
+                meta: meta.clone(),
+                data,
+            },
+        )?;
+        let revision = self.store.revision().map_err(sm_read)?;
+        self.publish(vec![ChangeEvent {
+            revision,
+            log_index: meta.last_log_id.map_or(0, |l| l.index),
+            change: Change::Reset,
+        }]);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+        Ok(current_snapshot(&self.store)?.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
+    }
+}
