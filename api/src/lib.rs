@@ -6,3 +6,9 @@
 
 pub mod convert;
 pub mod workload;
+
+/// The plinth server API (`proto/plinth_server.proto`), modelled on SPIRE's server API.
+pub mod server {
+    #![allow(missing_docs, clippy::all, missing_debug_implementations)]
+    include!("gen/plinth.server.v1.rs");
+}

@@ -7,7 +7,14 @@
 use std::path::{Path, PathBuf};
 
 /// (proto file, the file prost names its output after, committed copy under src/gen/)
-const PROTOS: &[(&str, &str, &str)] = &[("workload.proto", "_.rs", "workload.rs")];
+const PROTOS: &[(&str, &str, &str)] = &[
+    ("workload.proto", "_.rs", "workload.rs"),
+    (
+        "plinth_server.proto",
+        "plinth.server.v1.rs",
+        "plinth.server.v1.rs",
+    ),
+];
 
 fn generate(proto: &str, out_dir: &Path) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
