@@ -1,0 +1,685 @@
+//! [`RaftNode`]: one plinth server's member of the Raft cluster, and the API the server calls:
+//! writes forwarded to the leader, linearizable reads, membership changes and cluster status.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
+use openraft::{BasicNode, ChangeMembers, SnapshotPolicy};
+use plinth_storage::{ChangeEvent, Command, Proposal, Response, Store};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpSocket;
+use tokio::sync::{broadcast, oneshot};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::log_store::LogStore;
+use crate::network::pb::raft_service_client::RaftServiceClient;
+use crate::network::pb::raft_service_server::RaftServiceServer;
+use crate::network::{
+    connect, pack, unpack, ForwardError, MembershipOp, Network, NodeStatus, RaftGrpc,
+    MAX_MESSAGE_BYTES,
+};
+use crate::state_machine::{StateMachine, CHANGE_CHANNEL_CAPACITY};
+use crate::types::{NodeId, Raft};
+
+/// Pause between attempts while no leader is known.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// Configuration of one node. Build with [`RaftConfig::new`], adjust fields, then
+/// [`RaftNode::start`] validates it.
+#[derive(Debug, Clone)]
+pub struct RaftConfig {
+    pub node_id: NodeId,
+    /// Where to serve the peer gRPC API. Port 0 picks a free port (see [`RaftNode::addr`]).
+    pub listen_addr: SocketAddr,
+    /// `host:port` peers use to reach this node; defaults to the bound listen address.
+    pub advertise_addr: Option<String>,
+    /// The RocksDB directory (created 0700).
+    pub data_dir: PathBuf,
+    pub heartbeat_interval: Duration,
+    pub election_timeout_min: Duration,
+    pub election_timeout_max: Duration,
+    /// Build a snapshot after this many applied log entries since the last one.
+    pub snapshot_after_logs: u64,
+    /// Log entries kept after a snapshot (the rest is purged).
+    pub logs_kept_after_snapshot: u64,
+    /// How long a write, read or membership change may wait for the cluster.
+    pub request_timeout: Duration,
+    /// Serve and dial peers over plain TCP. Required for now: mTLS between servers is not
+    /// implemented yet, so the flag must be set explicitly (tests, local development).
+    pub insecure_plaintext: bool,
+}
+
+impl RaftConfig {
+    /// Defaults: 100 ms heartbeat, 500-1000 ms election timeout, snapshot every 5000 entries,
+    /// keep 1000, 5 s requests. Plain TCP is off.
+    pub fn new(node_id: NodeId, listen_addr: SocketAddr, data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            node_id,
+            listen_addr,
+            advertise_addr: None,
+            data_dir: data_dir.into(),
+            heartbeat_interval: Duration::from_millis(100),
+            election_timeout_min: Duration::from_millis(500),
+            election_timeout_max: Duration::from_millis(1000),
+            snapshot_after_logs: 5000,
+            logs_kept_after_snapshot: 1000,
+            request_timeout: Duration::from_secs(5),
+            insecure_plaintext: false,
+        }
+    }
+
+    /// Checks the configuration.
+    pub fn validate(&self) -> Result<(), NodeError> {
+        if !self.insecure_plaintext {
+            return Err(NodeError::Config(
+                "mTLS between servers is not implemented yet; set insecure_plaintext to run over \
+                 plain TCP"
+                    .into(),
+            ));
+        }
+        if self.heartbeat_interval.is_zero() || self.heartbeat_interval >= self.election_timeout_min
+        {
+            return Err(NodeError::Config(
+                "heartbeat_interval must be non-zero and below election_timeout_min".into(),
+            ));
+        }
+        if self.election_timeout_min >= self.election_timeout_max {
+            return Err(NodeError::Config(
+                "election_timeout_min must be below election_timeout_max".into(),
+            ));
+        }
+        if self.snapshot_after_logs == 0 || self.request_timeout.is_zero() {
+            return Err(NodeError::Config(
+                "snapshot_after_logs and request_timeout must be non-zero".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn openraft(&self) -> Result<openraft::Config, NodeError> {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        openraft::Config {
+            cluster_name: "plinth".into(),
+            heartbeat_interval: ms(self.heartbeat_interval),
+            election_timeout_min: ms(self.election_timeout_min),
+            election_timeout_max: ms(self.election_timeout_max),
+            install_snapshot_timeout: ms(self.request_timeout),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_after_logs),
+            max_in_snapshot_log_to_keep: self.logs_kept_after_snapshot,
+            snapshot_max_chunk_size: 1024 * 1024,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| NodeError::Config(e.to_string()))
+    }
+}
+
+/// Errors of [`RaftNode`]. [`NodeError::is_fatal`] tells which ones mean the node must stop.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    #[error("no leader is reachable; the cluster may be electing or lack a quorum")]
+    NoLeader,
+    #[error("the cluster did not answer in time; the outcome of a write is unknown")]
+    Timeout,
+    #[error("node {node} is unreachable: {reason}")]
+    Unreachable { node: NodeId, reason: String },
+    #[error("membership change refused: {0}")]
+    Membership(String),
+    #[error("the cluster is already initialized")]
+    AlreadyInitialized,
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("storage failure: {0}")]
+    Storage(#[from] plinth_storage::StorageError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("raft failure: {0}")]
+    Raft(String),
+}
+
+impl NodeError {
+    /// True if the node can no longer be trusted to serve (storage or Raft core failed).
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, NodeError::Storage(_) | NodeError::Raft(_))
+    }
+}
+
+impl From<ForwardError> for NodeError {
+    fn from(e: ForwardError) -> Self {
+        match e {
+            ForwardError::NotLeader { .. } => NodeError::NoLeader,
+            ForwardError::Timeout => NodeError::Timeout,
+            ForwardError::Membership(m) => NodeError::Membership(m),
+            ForwardError::Failed(m) => NodeError::Raft(m),
+        }
+    }
+}
+
+/// A member of the cluster as seen from one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub node_id: NodeId,
+    pub addr: String,
+    pub voter: bool,
+    /// The member's own view, or `None` if it did not answer.
+    pub status: Option<NodeStatus>,
+}
+
+/// What `plinth-server cluster status` shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The node that answered.
+    pub node_id: NodeId,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub members: Vec<MemberStatus>,
+}
+
+/// State shared by the node handle and its gRPC service.
+pub(crate) struct Inner {
+    pub(crate) id: NodeId,
+    pub(crate) raft: Raft,
+    store: Store,
+    config: RaftConfig,
+    changes: broadcast::Sender<ChangeEvent>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("id", &self.id)
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+fn client_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ForwardError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ForwardError::NotLeader {
+            leader: f.leader_id,
+        },
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(m)) => {
+            ForwardError::Membership(m.to_string())
+        }
+        RaftError::Fatal(f) => ForwardError::Failed(f.to_string()),
+    }
+}
+
+impl Inner {
+    /// Runs `command` if this node is the leader, stamping the leader's clock on it.
+    pub(crate) async fn write_local(&self, command: Command) -> Result<Response, ForwardError> {
+        let proposal = Proposal {
+            now: unix_now(),
+            command,
+        };
+        match tokio::time::timeout(
+            self.config.request_timeout,
+            self.raft.client_write(proposal),
+        )
+        .await
+        {
+            Err(_) => Err(ForwardError::Timeout),
+            Ok(Ok(r)) => Ok(r.data),
+            Ok(Err(e)) => Err(client_write_error(e)),
+        }
+    }
+
+    /// ReadIndex: confirms leadership with a quorum and returns the index a read must wait for.
+    pub(crate) async fn read_index_local(&self) -> Result<u64, ForwardError> {
+        match tokio::time::timeout(self.config.request_timeout, self.raft.ensure_linearizable())
+            .await
+        {
+            Err(_) => Err(ForwardError::Timeout),
+            Ok(Ok(log_id)) => Ok(log_id.map_or(0, |l| l.index)),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                Err(ForwardError::NotLeader {
+                    leader: f.leader_id,
+                })
+            }
+            Ok(Err(RaftError::APIError(e))) => Err(ForwardError::Failed(e.to_string())),
+            Ok(Err(RaftError::Fatal(f))) => Err(ForwardError::Failed(f.to_string())),
+        }
+    }
+
+    pub(crate) async fn membership_local(&self, op: MembershipOp) -> Result<(), ForwardError> {
+        let raft = &self.raft;
+        let fut = async move {
+            match op {
+                MembershipOp::AddLearner { node_id, addr } => {
+                    raft.add_learner(node_id, BasicNode { addr }, true).await
+                }
+                MembershipOp::Promote { node_id } => {
+                    raft.change_membership(
+                        ChangeMembers::AddVoterIds(BTreeSet::from([node_id])),
+                        false,
+                    )
+                    .await
+                }
+                MembershipOp::Remove { node_id } => {
+                    let is_voter = raft
+                        .metrics()
+                        .borrow()
+                        .membership_config
+                        .membership()
+                        .voter_ids()
+                        .any(|v| v == node_id);
+                    let change = if is_voter {
+                        ChangeMembers::RemoveVoters(BTreeSet::from([node_id]))
+                    } else {
+                        ChangeMembers::RemoveNodes(BTreeSet::from([node_id]))
+                    };
+                    raft.change_membership(change, false).await
+                }
+            }
+        };
+        // Adding a learner waits for it to catch up, which can take a snapshot transfer.
+        let limit = self.config.request_timeout * 6;
+        match tokio::time::timeout(limit, fut).await {
+            Err(_) => Err(ForwardError::Timeout),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(client_write_error(e)),
+        }
+    }
+
+    pub(crate) fn node_status(&self) -> NodeStatus {
+        let m = self.raft.metrics().borrow().clone();
+        NodeStatus {
+            node_id: self.id,
+            state: format!("{:?}", m.state),
+            term: m.current_term,
+            leader: m.current_leader,
+            last_log_index: m.last_log_index,
+            applied_index: m.last_applied.map(|l| l.index),
+            revision: self.store.revision().unwrap_or_default(),
+        }
+    }
+
+    fn peer_client(
+        &self,
+        node: NodeId,
+    ) -> Result<RaftServiceClient<tonic::transport::Channel>, NodeError> {
+        let addr = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&node)
+            .map(|n| n.addr.clone())
+            .ok_or(NodeError::NoLeader)?;
+        connect(&addr).map_err(|reason| NodeError::Unreachable { node, reason })
+    }
+}
+
+/// Sends `req` to `node` with `rpc` and decodes its `Result<T, ForwardError>` answer.
+async fn forward<Req, T, F, Fut>(
+    inner: &Inner,
+    node: NodeId,
+    req: &Req,
+    limit: Duration,
+    rpc: F,
+) -> Result<Result<T, ForwardError>, NodeError>
+where
+    Req: Serialize,
+    T: serde::de::DeserializeOwned,
+    F: FnOnce(RaftServiceClient<tonic::transport::Channel>, crate::network::pb::Payload) -> Fut,
+    Fut: std::future::Future<
+        Output = Result<tonic::Response<crate::network::pb::Payload>, tonic::Status>,
+    >,
+{
+    let client = inner.peer_client(node)?;
+    let payload = pack(req).map_err(|s| NodeError::Raft(s.message().to_owned()))?;
+    let unreachable = |reason: String| NodeError::Unreachable { node, reason };
+    let reply = tokio::time::timeout(limit, rpc(client, payload))
+        .await
+        .map_err(|_| NodeError::Timeout)?
+        .map_err(|s| unreachable(s.to_string()))?;
+    unpack(reply.get_ref()).map_err(|s| unreachable(s.to_string()))
+}
+
+/// One node of the cluster. Dropping it without [`RaftNode::shutdown`] leaves tasks running
+/// until the runtime ends.
+#[derive(Debug)]
+pub struct RaftNode {
+    inner: Arc<Inner>,
+    addr: SocketAddr,
+    stop_server: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+}
+
+impl RaftNode {
+    /// Opens the store, starts Raft and serves the peer API. A node that was a member before
+    /// resumes from its RocksDB state; a new node waits to be bootstrapped or added.
+    pub async fn start(config: RaftConfig) -> Result<Self, NodeError> {
+        config.validate()?;
+        let raft_config = Arc::new(config.openraft()?);
+        let store = Store::open(&config.data_dir)?;
+        let (changes, _) = broadcast::channel(CHANGE_CHANNEL_CAPACITY);
+        let sm = StateMachine::open(store.clone(), changes.clone())?;
+        let raft = Raft::new(
+            config.node_id,
+            raft_config,
+            Network,
+            LogStore::new(store.clone()),
+            sm,
+        )
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+
+        let listen = config.listen_addr;
+        let listen_err = |source| NodeError::Listen {
+            addr: listen,
+            source,
+        };
+        let socket = if listen.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(listen_err)?;
+        socket.set_reuseaddr(true).map_err(listen_err)?;
+        socket.bind(listen).map_err(listen_err)?;
+        let listener = socket.listen(1024).map_err(listen_err)?;
+        let addr = listener.local_addr().map_err(listen_err)?;
+
+        let inner = Arc::new(Inner {
+            id: config.node_id,
+            raft,
+            store,
+            config,
+            changes,
+        });
+        let service = RaftServiceServer::new(RaftGrpc {
+            inner: inner.clone(),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                    let _ = stop_rx.await;
+                }),
+        );
+        Ok(Self {
+            inner,
+            addr,
+            stop_server: Some(stop_tx),
+            server: Some(server),
+        })
+    }
+
+    /// This node's ID.
+    pub fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    /// The bound address of the peer API.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The address peers should use for this node.
+    pub fn advertise_addr(&self) -> String {
+        self.inner
+            .config
+            .advertise_addr
+            .clone()
+            .unwrap_or_else(|| self.addr.to_string())
+    }
+
+    /// The local store. Reads straight from it may be stale; use [`RaftNode::read`] for anything
+    /// that decides security (bans, token consumption, authorization).
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The openraft handle, for metrics and tests.
+    pub fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
+    /// Applied changes, in log order, as they become durable on this node. A subscriber that
+    /// falls more than [`CHANGE_CHANNEL_CAPACITY`] events behind gets `Lagged` and must reload;
+    /// a `Change::Reset` (snapshot installed) also means reload.
+    pub fn subscribe(&self) -> broadcast::Receiver<ChangeEvent> {
+        self.inner.changes.subscribe()
+    }
+
+    /// Makes this node the first member of a new cluster.
+    pub async fn bootstrap(&self) -> Result<(), NodeError> {
+        let members = BTreeMap::from([(
+            self.id(),
+            BasicNode {
+                addr: self.advertise_addr(),
+            },
+        )]);
+        match self.inner.raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
+                Err(NodeError::AlreadyInitialized)
+            }
+            Err(e) => Err(NodeError::Raft(e.to_string())),
+        }
+    }
+
+    /// Proposes `command` through Raft, on the leader (forwarded if this node is not it), and
+    /// returns the state machine's answer once committed and applied on the leader. A refused
+    /// command is `Ok` with `response.result` an `Err(CommandError)`.
+    ///
+    /// `Err(Timeout)` or `Err(Unreachable)` mean the outcome is unknown: the command may still
+    /// commit. Commands carry their own IDs (entry ID, token), so a retry is refused rather than
+    /// applied twice.
+    pub async fn write(&self, command: Command) -> Result<Response, NodeError> {
+        let deadline = Instant::now() + self.inner.config.request_timeout;
+        loop {
+            let leader = match self.inner.write_local(command.clone()).await {
+                Ok(r) => return Ok(r),
+                Err(ForwardError::NotLeader { leader }) => leader,
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(leader) = leader.filter(|l| *l != self.id()) {
+                let limit = self.inner.config.request_timeout + Duration::from_secs(1);
+                match forward(
+                    &self.inner,
+                    leader,
+                    &command,
+                    limit,
+                    |mut c, p| async move { c.client_write(p).await },
+                )
+                .await?
+                {
+                    Ok(r) => return Ok(r),
+                    Err(ForwardError::NotLeader { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(NodeError::NoLeader);
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+
+    /// Waits until this node's state machine reflects every write committed before the call
+    /// (ReadIndex through the leader). Afterwards, reads from [`RaftNode::store`] are
+    /// linearizable. Fails (never serves stale) when no quorum confirms the leader.
+    pub async fn linearizable_barrier(&self) -> Result<(), NodeError> {
+        let deadline = Instant::now() + self.inner.config.request_timeout;
+        loop {
+            let leader = match self.inner.read_index_local().await {
+                // On the leader, ensure_linearizable already waited for apply.
+                Ok(_) => return Ok(()),
+                Err(ForwardError::NotLeader { leader }) => leader,
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(leader) = leader.filter(|l| *l != self.id()) {
+                let limit = self.inner.config.request_timeout + Duration::from_secs(1);
+                match forward::<_, u64, _, _>(
+                    &self.inner,
+                    leader,
+                    &(),
+                    limit,
+                    |mut c, p| async move { c.read_index(p).await },
+                )
+                .await?
+                {
+                    Ok(index) => {
+                        let remaining = deadline.saturating_duration_since(Instant::now());
+                        return self
+                            .inner
+                            .raft
+                            .wait(Some(remaining.max(Duration::from_millis(1))))
+                            .applied_index_at_least(Some(index), "linearizable read")
+                            .await
+                            .map(|_| ())
+                            .map_err(|_| NodeError::Timeout);
+                    }
+                    Err(ForwardError::NotLeader { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(NodeError::NoLeader);
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+
+    /// A linearizable read: [`RaftNode::linearizable_barrier`], then `f` on the local store.
+    pub async fn read<T, F>(&self, f: F) -> Result<T, NodeError>
+    where
+        F: FnOnce(&Store) -> Result<T, plinth_storage::StorageError>,
+    {
+        self.linearizable_barrier().await?;
+        Ok(f(&self.inner.store)?)
+    }
+
+    async fn membership(&self, op: MembershipOp) -> Result<(), NodeError> {
+        let deadline = Instant::now() + self.inner.config.request_timeout;
+        loop {
+            let leader = match self.inner.membership_local(op.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(ForwardError::NotLeader { leader }) => leader,
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(leader) = leader.filter(|l| *l != self.id()) {
+                let limit = self.inner.config.request_timeout * 6 + Duration::from_secs(1);
+                match forward(&self.inner, leader, &op, limit, |mut c, p| async move {
+                    c.change_membership(p).await
+                })
+                .await?
+                {
+                    Ok(()) => return Ok(()),
+                    Err(ForwardError::NotLeader { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(NodeError::NoLeader);
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+
+    /// Adds `node_id` at `addr` as a learner and waits until it has caught up with the log.
+    pub async fn add_learner(
+        &self,
+        node_id: NodeId,
+        addr: impl Into<String>,
+    ) -> Result<(), NodeError> {
+        self.membership(MembershipOp::AddLearner {
+            node_id,
+            addr: addr.into(),
+        })
+        .await
+    }
+
+    /// Makes a learner a voter (joint consensus under the hood).
+    pub async fn promote(&self, node_id: NodeId) -> Result<(), NodeError> {
+        self.membership(MembershipOp::Promote { node_id }).await
+    }
+
+    /// Removes a voter or learner from the cluster.
+    pub async fn remove(&self, node_id: NodeId) -> Result<(), NodeError> {
+        self.membership(MembershipOp::Remove { node_id }).await
+    }
+
+    /// This node's own view (no network).
+    pub fn node_status(&self) -> NodeStatus {
+        self.inner.node_status()
+    }
+
+    /// Leader, term and members, with each reachable member's own applied index.
+    pub async fn cluster_status(&self) -> ClusterStatus {
+        let m = self.inner.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let mut members = Vec::new();
+        for (id, node) in membership.nodes() {
+            let status = if *id == self.id() {
+                Some(self.inner.node_status())
+            } else {
+                forward_status(&node.addr).await
+            };
+            members.push(MemberStatus {
+                node_id: *id,
+                addr: node.addr.clone(),
+                voter: voters.contains(id),
+                status,
+            });
+        }
+        ClusterStatus {
+            node_id: self.id(),
+            leader: m.current_leader,
+            term: m.current_term,
+            members,
+        }
+    }
+
+    /// Stops Raft and the peer API, and closes the store.
+    pub async fn shutdown(mut self) -> Result<(), NodeError> {
+        let raft = self.inner.raft.clone();
+        raft.shutdown()
+            .await
+            .map_err(|e| NodeError::Raft(e.to_string()))?;
+        if let Some(stop) = self.stop_server.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            match server.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(NodeError::Raft(format!("peer API: {e}"))),
+                Err(e) => return Err(NodeError::Raft(format!("peer API task: {e}"))),
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn forward_status(addr: &str) -> Option<NodeStatus> {
+    let mut client = connect(addr).ok()?;
+    let payload = pack(&()).ok()?;
+    let reply = tokio::time::timeout(Duration::from_secs(1), client.node_status(payload))
+        .await
+        .ok()?
+        .ok()?;
+    unpack(reply.get_ref()).ok()
+}

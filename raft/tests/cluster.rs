@@ -1,0 +1,359 @@
+//! In-process clusters over real tonic on 127.0.0.1: replication, forwarding, failover,
+//! catch-up, snapshots after log purge, and a minority that must not commit.
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use plinth_raft::{NodeError, RaftConfig, RaftNode};
+use plinth_spiffe::{Selectors, SpiffeId};
+use plinth_storage::{Change, Command, Outcome, RegistrationEntry, Response};
+
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+fn config(id: u64, addr: SocketAddr, dir: &std::path::Path) -> RaftConfig {
+    let mut c = RaftConfig::new(id, addr, dir.join(format!("node{id}")));
+    c.heartbeat_interval = Duration::from_millis(50);
+    c.election_timeout_min = Duration::from_millis(300);
+    c.election_timeout_max = Duration::from_millis(600);
+    c.snapshot_after_logs = 10_000;
+    c.logs_kept_after_snapshot = 0;
+    c.request_timeout = Duration::from_secs(3);
+    c.insecure_plaintext = true;
+    c
+}
+
+fn entry(n: u32) -> RegistrationEntry {
+    RegistrationEntry {
+        id: format!("entry-{n}"),
+        spiffe_id: SpiffeId::new(&format!("spiffe://example.org/w/{n}")).unwrap(),
+        parent_id: SpiffeId::new("spiffe://example.org/agent").unwrap(),
+        selectors: Selectors::parse_all(&[format!("unix:uid:{n}")]).unwrap(),
+        x509_svid_ttl: 0,
+        jwt_svid_ttl: 0,
+        federates_with: vec![],
+        admin: false,
+        downstream: false,
+        expires_at: None,
+        dns_names: vec![],
+        hint: String::new(),
+        revision: 0,
+        created_at: 0,
+    }
+}
+
+fn create(n: u32) -> Command {
+    Command::EntryCreate { entry: entry(n) }
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    addrs: Vec<SocketAddr>,
+    nodes: Vec<Option<RaftNode>>,
+    snapshot_after_logs: u64,
+}
+
+impl Cluster {
+    async fn start(n: u64) -> Self {
+        Self::start_with(n, 10_000).await
+    }
+
+    async fn start_with(n: u64, snapshot_after_logs: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Cluster {
+            dir,
+            addrs: Vec::new(),
+            nodes: Vec::new(),
+            snapshot_after_logs,
+        };
+        for id in 1..=n {
+            c.addrs.push(free_addr());
+            let node = c.launch(id).await;
+            c.nodes.push(Some(node));
+        }
+        c.node(1).bootstrap().await.unwrap();
+        c.node(1)
+            .raft()
+            .wait(Some(Duration::from_secs(10)))
+            .current_leader(1, "bootstrap")
+            .await
+            .unwrap();
+        for id in 2..=n {
+            let addr = c.addrs[(id - 1) as usize].to_string();
+            c.node(1).add_learner(id, addr).await.unwrap();
+            c.node(1).promote(id).await.unwrap();
+        }
+        c
+    }
+
+    async fn launch(&self, id: u64) -> RaftNode {
+        let mut cfg = config(id, self.addrs[(id - 1) as usize], self.dir.path());
+        cfg.snapshot_after_logs = self.snapshot_after_logs;
+        RaftNode::start(cfg).await.unwrap()
+    }
+
+    fn node(&self, id: u64) -> &RaftNode {
+        self.nodes[(id - 1) as usize].as_ref().unwrap()
+    }
+
+    fn running(&self) -> impl Iterator<Item = &RaftNode> {
+        self.nodes.iter().flatten()
+    }
+
+    async fn stop(&mut self, id: u64) {
+        let node = self.nodes[(id - 1) as usize].take().unwrap();
+        node.shutdown().await.unwrap();
+    }
+
+    async fn restart(&mut self, id: u64) {
+        let node = self.launch(id).await;
+        self.nodes[(id - 1) as usize] = Some(node);
+    }
+
+    /// Waits (bounded) until the running nodes agree on a leader that is running.
+    async fn wait_leader(&self) -> u64 {
+        for _ in 0..200 {
+            let leaders: Vec<Option<u64>> = self
+                .running()
+                .map(|n| n.raft().metrics().borrow().current_leader)
+                .collect();
+            if let Some(Some(l)) = leaders.first() {
+                let alive = self.running().any(|n| n.id() == *l);
+                if alive && leaders.iter().all(|x| x == &Some(*l)) {
+                    return *l;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no leader elected");
+    }
+
+    /// Writes through `via`, retrying while the cluster fails over.
+    async fn write(&self, via: u64, command: Command) -> Response {
+        let mut last = None;
+        for _ in 0..20 {
+            match self.node(via).write(command.clone()).await {
+                Ok(r) => return r,
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("write never succeeded: {last:?}");
+    }
+
+    async fn entries(&self, id: u64) -> Vec<RegistrationEntry> {
+        self.node(id).read(|s| s.list_entries()).await.unwrap()
+    }
+}
+
+fn created(r: Response) -> RegistrationEntry {
+    match r.result {
+        Ok(Outcome::Entry { entry }) => entry,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t10_writes_from_any_node_are_forwarded_replicated_and_published() {
+    let c = Cluster::start(3).await;
+    let leader = c.wait_leader().await;
+    let follower = (1..=3).find(|i| *i != leader).unwrap();
+    let mut changes = c.node(leader).subscribe();
+
+    let e = created(c.write(follower, create(1)).await);
+    assert_eq!(e.revision, 1);
+    // Exactly one of two conflicting writes wins, whichever node they enter through.
+    let dup = c
+        .write(
+            leader,
+            Command::EntryCreate {
+                entry: {
+                    let mut d = entry(1);
+                    d.id = "other".into();
+                    d
+                },
+            },
+        )
+        .await;
+    assert!(dup.result.is_err(), "{dup:?}");
+
+    for id in 1..=3 {
+        assert_eq!(c.entries(id).await, vec![e.clone()], "node {id}");
+    }
+    let ev = changes.recv().await.unwrap();
+    assert_eq!(ev.revision, 1);
+    assert_eq!(ev.change, Change::EntryPut { entry: e.clone() });
+
+    let status = c.node(follower).cluster_status().await;
+    assert_eq!(status.leader, Some(leader));
+    assert!(status.term >= 1);
+    assert_eq!(status.members.len(), 3);
+    assert!(status.members.iter().all(|m| m.voter));
+    for m in &status.members {
+        let s = m.status.as_ref().unwrap();
+        assert!(s.applied_index.is_some());
+    }
+    for node in c.nodes.into_iter().flatten() {
+        node.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t20_leader_loss_new_leader_commits_and_no_acknowledged_write_is_lost() {
+    let mut c = Cluster::start(3).await;
+    let leader = c.wait_leader().await;
+    let mut acked = Vec::new();
+    for n in 0..5 {
+        acked.push(created(c.write(leader, create(n)).await));
+    }
+    c.stop(leader).await;
+    let new_leader = c.wait_leader().await;
+    assert_ne!(new_leader, leader);
+    let survivor = (1..=3).find(|i| *i != leader).unwrap();
+    acked.push(created(c.write(survivor, create(100)).await));
+    for id in (1..=3).filter(|i| *i != leader) {
+        let got = c.entries(id).await;
+        for e in &acked {
+            assert!(got.contains(e), "node {id} lost acknowledged {}", e.id);
+        }
+    }
+    for node in c.nodes.into_iter().flatten() {
+        node.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t30_restarted_node_catches_up_from_its_store() {
+    let mut c = Cluster::start(3).await;
+    let leader = c.wait_leader().await;
+    let follower = (1..=3).find(|i| *i != leader).unwrap();
+    c.write(leader, create(1)).await;
+    c.stop(follower).await;
+    for n in 2..8 {
+        c.write(leader, create(n)).await;
+    }
+    c.restart(follower).await;
+    let want = c.entries(leader).await;
+    assert_eq!(want.len(), 7);
+    // A linearizable read on the restarted node waits for it to catch up.
+    assert_eq!(c.entries(follower).await, want);
+    for node in c.nodes.into_iter().flatten() {
+        node.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t40_node_added_after_log_purge_receives_a_snapshot() {
+    let mut c = Cluster::start_with(3, 10).await;
+    let leader = c.wait_leader().await;
+    for n in 0..25 {
+        c.write(leader, create(n)).await;
+    }
+    // Snapshot now and purge everything it covers.
+    let raft = c.node(leader).raft().clone();
+    raft.trigger().snapshot().await.unwrap();
+    let applied = raft.metrics().borrow().last_applied.unwrap().index;
+    raft.wait(Some(Duration::from_secs(10)))
+        .metrics(
+            |m| m.snapshot.is_some_and(|s| s.index >= applied),
+            "snapshot",
+        )
+        .await
+        .unwrap();
+    raft.wait(Some(Duration::from_secs(10)))
+        .metrics(|m| m.purged.is_some_and(|p| p.index >= applied), "purge")
+        .await
+        .unwrap();
+    assert!(c
+        .node(leader)
+        .store()
+        .log_range(0, Some(applied + 1))
+        .unwrap()
+        .is_empty());
+
+    c.addrs.push(free_addr());
+    let node4 = c.launch(4).await;
+    c.nodes.push(Some(node4));
+    c.node(leader)
+        .add_learner(4, c.addrs[3].to_string())
+        .await
+        .unwrap();
+    c.node(leader).promote(4).await.unwrap();
+    let n4 = c.node(4);
+    assert!(
+        n4.raft().metrics().borrow().snapshot.is_some(),
+        "node 4 installed a snapshot"
+    );
+    assert!(n4.store().snapshot_get().unwrap().is_some());
+    assert_eq!(c.entries(4).await, c.entries(leader).await);
+    assert_eq!(c.entries(4).await.len(), 25);
+    for node in c.nodes.into_iter().flatten() {
+        node.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t50_a_minority_neither_commits_nor_serves_linearizable_reads() {
+    let mut c = Cluster::start(3).await;
+    let leader = c.wait_leader().await;
+    c.write(leader, create(1)).await;
+    for id in (1..=3).filter(|i| *i != leader) {
+        c.stop(id).await;
+    }
+    let r = c.node(leader).write(create(2)).await;
+    assert!(
+        matches!(
+            r,
+            Err(NodeError::Timeout | NodeError::NoLeader | NodeError::Unreachable { .. })
+        ),
+        "a write without a quorum was acknowledged: {r:?}"
+    );
+    let read = c.node(leader).read(|s| s.list_entries()).await;
+    assert!(
+        read.is_err(),
+        "a read without a quorum was served: {read:?}"
+    );
+    for node in c.nodes.into_iter().flatten() {
+        node.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t60_restarting_every_node_gives_identical_state() {
+    let mut c = Cluster::start(3).await;
+    let leader = c.wait_leader().await;
+    for n in 0..6 {
+        c.write(leader, create(n)).await;
+    }
+    c.write(
+        leader,
+        Command::EntryDelete {
+            id: "entry-3".into(),
+        },
+    )
+    .await;
+    let before = c.entries(leader).await;
+    for id in 1..=3 {
+        c.stop(id).await;
+    }
+    for id in 1..=3 {
+        c.restart(id).await;
+    }
+    c.wait_leader().await;
+    let mut revisions = Vec::new();
+    for id in 1..=3 {
+        assert_eq!(c.entries(id).await, before, "node {id}");
+        revisions.push(c.node(id).store().revision().unwrap());
+    }
+    assert!(revisions.iter().all(|r| *r == revisions[0]));
+    assert!(
+        !before.iter().any(|e| e.id == "entry-3"),
+        "no resurrected delete"
+    );
+    for node in c.nodes.into_iter().flatten() {
+        node.shutdown().await.unwrap();
+    }
+}
