@@ -1,6 +1,465 @@
-//! The `plinth-agent` binary.
+//! The `plinth-agent` binary. So far: the `api` commands, which talk to a running agent's
+//! Workload API like `spire-agent api ...` (same flag spellings: `-socketPath`, `-write`,
+//! `-audience`, `-spiffeID`, `-svid`; Go-style single-dash long flags are accepted).
 
-fn main() {
-    eprintln!("plinth-agent: no command yet");
-    std::process::exit(2);
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use plinth_agent::client::{connect, socket_path_from_addr, WorkloadClient};
+use plinth_api::convert::{x509_bundles, ReceivedX509Svid};
+use plinth_api::workload::{
+    JwtBundlesRequest, JwtsvidRequest, ValidateJwtsvidRequest, X509BundlesRequest, X509svidRequest,
+    X509svidResponse, ENDPOINT_SOCKET_ENV,
+};
+use plinth_spiffe::x509::cert_not_after;
+use plinth_spiffe::BundleSet;
+
+/// Where `plinth-agent api` looks for the socket when neither `-socketPath` nor
+/// `SPIFFE_ENDPOINT_SOCKET` says.
+const DEFAULT_SOCKET_PATH: &str = "/tmp/plinth-agent/public/api.sock";
+
+#[derive(Debug, Parser)]
+#[command(name = "plinth-agent", version, about = "The plinth node agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Talk to the Workload API of a running agent.
+    Api {
+        #[command(subcommand)]
+        command: ApiCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ApiCommand {
+    /// Fetch SVIDs or bundles.
+    Fetch {
+        #[command(subcommand)]
+        what: FetchWhat,
+    },
+    /// Validate a token.
+    Validate {
+        #[command(subcommand)]
+        what: ValidateWhat,
+    },
+    /// Print every X509-SVID update as the agent pushes it.
+    Watch(Common),
+}
+
+#[derive(Debug, Subcommand)]
+enum FetchWhat {
+    /// Fetch X509-SVIDs, and write them to a directory with -write.
+    X509 {
+        #[command(flatten)]
+        common: Common,
+        /// Directory to write svid.N.pem, svid.N.key, bundle.N.pem and federated bundles to.
+        #[arg(long = "write")]
+        write: Option<PathBuf>,
+        /// Print nothing unless an error occurs.
+        #[arg(long = "silent")]
+        silent: bool,
+    },
+    /// Fetch a JWT-SVID.
+    Jwt {
+        #[command(flatten)]
+        common: Common,
+        /// Audience of the token (repeat for several).
+        #[arg(long = "audience", required = true)]
+        audience: Vec<String>,
+        /// SPIFFE ID of the token to fetch; every identity when absent.
+        #[arg(long = "spiffeID")]
+        spiffe_id: Option<String>,
+    },
+    /// Fetch the X.509 and JWT bundles.
+    Bundles(Common),
+}
+
+#[derive(Debug, Subcommand)]
+enum ValidateWhat {
+    /// Validate a JWT-SVID.
+    Jwt {
+        #[command(flatten)]
+        common: Common,
+        /// The audience the token must be for.
+        #[arg(long = "audience")]
+        audience: String,
+        /// The token.
+        #[arg(long = "svid")]
+        svid: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct Common {
+    /// Path of the Workload API socket (default: SPIFFE_ENDPOINT_SOCKET, else
+    /// /tmp/plinth-agent/public/api.sock).
+    #[arg(long = "socketPath")]
+    socket_path: Option<PathBuf>,
+    /// Seconds to wait for an answer.
+    #[arg(long = "timeout", default_value_t = 5)]
+    timeout: u64,
+}
+
+impl Common {
+    fn socket(&self) -> Result<PathBuf> {
+        if let Some(p) = &self.socket_path {
+            return Ok(p.clone());
+        }
+        match std::env::var(ENDPOINT_SOCKET_ENV) {
+            Ok(addr) => socket_path_from_addr(&addr)
+                .with_context(|| format!("{ENDPOINT_SOCKET_ENV}={addr:?} is not a unix socket")),
+            Err(_) => Ok(PathBuf::from(DEFAULT_SOCKET_PATH)),
+        }
+    }
+
+    fn client(&self) -> Result<WorkloadClient> {
+        let path = self.socket()?;
+        connect(&path).with_context(|| format!("connecting to {}", path.display()))
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout.max(1))
+    }
+}
+
+/// Go's flag package accepts `-name value`; clap wants `--name`. Rewrites single-dash long flags.
+fn go_style_args(args: impl Iterator<Item = String>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest_literal = false;
+    for a in args {
+        if rest_literal {
+            out.push(a);
+            continue;
+        }
+        if a == "--" {
+            rest_literal = true;
+        }
+        let is_go_long = a.len() > 2
+            && a.starts_with('-')
+            && !a.starts_with("--")
+            && a.as_bytes()[1].is_ascii_alphabetic();
+        out.push(if is_go_long { format!("-{a}") } else { a });
+    }
+    out
+}
+
+fn status_err(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}: {}", e.code(), e.message())
+}
+
+async fn first_x509(client: &mut WorkloadClient, timeout: Duration) -> Result<X509svidResponse> {
+    let fut = async {
+        let mut stream = client
+            .fetch_x509svid(X509svidRequest {})
+            .await
+            .map_err(status_err)?
+            .into_inner();
+        stream
+            .message()
+            .await
+            .map_err(status_err)?
+            .context("the agent closed the stream without an answer")
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .context("timed out waiting for the Workload API")?
+}
+
+fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    // The mode above applies only to new files; tighten an existing one too.
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    f.write_all(contents)?;
+    Ok(())
+}
+
+fn print_svids(resp: &X509svidResponse, write: Option<&Path>, silent: bool) -> Result<()> {
+    let svids = resp
+        .svids
+        .iter()
+        .map(ReceivedX509Svid::try_from)
+        .collect::<Result<Vec<_>, _>>()?;
+    let federated = x509_bundles(&resp.federated_bundles)?;
+    for (i, svid) in svids.iter().enumerate() {
+        if !silent {
+            println!("SPIFFE ID:\t\t{}", svid.spiffe_id);
+            if !svid.hint.is_empty() {
+                println!("Hint:\t\t\t{}", svid.hint);
+            }
+            println!("SVID Valid Until:\t{}", cert_not_after(&svid.chain[0])?);
+            println!("Intermediates:\t\t{}", svid.chain.len() - 1);
+            println!("CA certificates:\t{}", svid.bundle.len());
+            for b in federated.iter() {
+                println!("Federated bundle:\t{}", b.trust_domain());
+            }
+            println!();
+        }
+        if let Some(dir) = write {
+            let chain = plinth_spiffe::pem::encode_certs(&svid.chain);
+            write_file(&dir.join(format!("svid.{i}.pem")), chain.as_bytes(), 0o644)?;
+            let key = svid.private_key.to_pkcs8_pem();
+            write_file(&dir.join(format!("svid.{i}.key")), key.as_bytes(), 0o600)?;
+            let bundle = plinth_spiffe::pem::encode_certs(&svid.bundle);
+            write_file(
+                &dir.join(format!("bundle.{i}.pem")),
+                bundle.as_bytes(),
+                0o644,
+            )?;
+            for (j, b) in federated.iter().enumerate() {
+                write_file(
+                    &dir.join(format!("federated_bundle.{i}.{j}.pem")),
+                    b.x509_pem().as_bytes(),
+                    0o644,
+                )?;
+            }
+            if !silent {
+                println!("Writing SVID #{i} to {}", dir.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let Command::Api { command } = cli.command;
+    match command {
+        ApiCommand::Fetch {
+            what:
+                FetchWhat::X509 {
+                    common,
+                    write,
+                    silent,
+                },
+        } => {
+            let mut client = common.client()?;
+            let start = Instant::now();
+            let resp = first_x509(&mut client, common.timeout()).await?;
+            if !silent {
+                println!(
+                    "Received {} svid after {:?}\n",
+                    resp.svids.len(),
+                    start.elapsed()
+                );
+            }
+            print_svids(&resp, write.as_deref(), silent)
+        }
+        ApiCommand::Fetch {
+            what:
+                FetchWhat::Jwt {
+                    common,
+                    audience,
+                    spiffe_id,
+                },
+        } => {
+            let mut client = common.client()?;
+            let req = JwtsvidRequest {
+                audience,
+                spiffe_id: spiffe_id.unwrap_or_default(),
+            };
+            let resp = tokio::time::timeout(common.timeout(), client.fetch_jwtsvid(req))
+                .await
+                .context("timed out waiting for the Workload API")?
+                .map_err(status_err)?
+                .into_inner();
+            for svid in resp.svids {
+                // Printing the token is what the user asked for.
+                println!("token({}):\n\t{}\n", svid.spiffe_id, svid.svid);
+                if !svid.hint.is_empty() {
+                    println!("hint:\t{}\n", svid.hint);
+                }
+            }
+            Ok(())
+        }
+        ApiCommand::Fetch {
+            what: FetchWhat::Bundles(common),
+        } => {
+            let mut client = common.client()?;
+            let fut = async {
+                let x509 = client
+                    .fetch_x509_bundles(X509BundlesRequest {})
+                    .await
+                    .map_err(status_err)?
+                    .into_inner()
+                    .message()
+                    .await
+                    .map_err(status_err)?
+                    .context("no X.509 bundles")?;
+                let jwt = client
+                    .fetch_jwt_bundles(JwtBundlesRequest {})
+                    .await
+                    .map_err(status_err)?
+                    .into_inner()
+                    .message()
+                    .await
+                    .map_err(status_err)?
+                    .context("no JWT bundles")?;
+                anyhow::Ok((x509, jwt))
+            };
+            let (x509, jwt) = tokio::time::timeout(common.timeout(), fut)
+                .await
+                .context("timed out waiting for the Workload API")??;
+            for b in x509_bundles(&x509.bundles)?.iter() {
+                println!("X.509 bundle of {}:\n{}", b.trust_domain(), b.x509_pem());
+            }
+            for b in BundleSet::try_from(&jwt)?.iter() {
+                println!("JWT bundle of {}:\n{}\n", b.trust_domain(), b.to_jwks()?);
+            }
+            Ok(())
+        }
+        ApiCommand::Validate {
+            what:
+                ValidateWhat::Jwt {
+                    common,
+                    audience,
+                    svid,
+                },
+        } => {
+            let mut client = common.client()?;
+            let req = ValidateJwtsvidRequest { audience, svid };
+            let resp = tokio::time::timeout(common.timeout(), client.validate_jwtsvid(req))
+                .await
+                .context("timed out waiting for the Workload API")?
+                .map_err(status_err)?
+                .into_inner();
+            println!("SVID is valid.");
+            println!("SPIFFE ID : {}", resp.spiffe_id);
+            let claims: Vec<String> = resp
+                .claims
+                .map(|c| c.fields.keys().cloned().collect())
+                .unwrap_or_default();
+            println!("Claims    : {}", claims.join(", "));
+            Ok(())
+        }
+        ApiCommand::Watch(common) => {
+            let mut client = common.client()?;
+            let mut stream = client
+                .fetch_x509svid(X509svidRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            while let Some(resp) = stream.message().await.map_err(status_err)? {
+                println!("Received {} svid(s)", resp.svids.len());
+                print_svids(&resp, None, false)?;
+                std::io::stdout().flush()?;
+            }
+            bail!("the agent closed the stream")
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse_from(go_style_args(std::env::args()));
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("plinth-agent: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("plinth-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_style_flags_become_clap_long_flags() {
+        let args = [
+            "plinth-agent",
+            "api",
+            "fetch",
+            "jwt",
+            "-audience",
+            "a",
+            "--timeout",
+            "3",
+        ]
+        .map(String::from);
+        assert_eq!(
+            go_style_args(args.into_iter()),
+            [
+                "plinth-agent",
+                "api",
+                "fetch",
+                "jwt",
+                "--audience",
+                "a",
+                "--timeout",
+                "3"
+            ]
+        );
+        let args = ["x", "-socketPath=/a", "-", "-1", "--", "-svid"].map(String::from);
+        assert_eq!(
+            go_style_args(args.into_iter()),
+            ["x", "--socketPath=/a", "-", "-1", "--", "-svid"]
+        );
+    }
+
+    #[test]
+    fn cli_parses_spire_spellings() {
+        let args = go_style_args(
+            [
+                "plinth-agent",
+                "api",
+                "fetch",
+                "jwt",
+                "-audience",
+                "a",
+                "-audience",
+                "b",
+                "-spiffeID",
+                "spiffe://example.org/w",
+                "-socketPath",
+                "/s",
+            ]
+            .map(String::from)
+            .into_iter(),
+        );
+        let cli = Cli::try_parse_from(args).map_err(|e| e.to_string());
+        let Ok(Cli {
+            command:
+                Command::Api {
+                    command:
+                        ApiCommand::Fetch {
+                            what:
+                                FetchWhat::Jwt {
+                                    common,
+                                    audience,
+                                    spiffe_id,
+                                },
+                        },
+                },
+        }) = cli
+        else {
+            panic!("unexpected parse: {cli:?}")
+        };
+        assert_eq!(audience, ["a", "b"]);
+        assert_eq!(spiffe_id.as_deref(), Some("spiffe://example.org/w"));
+        assert_eq!(common.socket_path, Some(PathBuf::from("/s")));
+    }
 }
