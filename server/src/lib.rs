@@ -2,4 +2,9 @@
 //! verifiers, the gRPC APIs, the federation bundle endpoint and client, configuration, and the
 //! `plinth-server` binary.
 //!
-//! Owns: the server process. Nothing in plinth depends on it.
+//! Owns: the server process. Nothing in plinth depends on it. Domain code here speaks
+//! plinth-spiffe and plinth-storage types; protobuf types stay in the gRPC handlers.
+
+pub mod ca;
+pub mod clock;
+pub mod state;
