@@ -393,7 +393,7 @@ impl<S: Replicated> CaManager<S> {
             .store()
             .get_authority(authority_id)
             .map_err(|e| StateError::Fatal(e.to_string()))?;
-        if !known.is_some_and(|a| a.node_id == node) {
+        if known.is_none_or(|a| a.node_id != node) {
             return Err(CaError::UnknownAuthority(authority_id.to_owned()));
         }
         match outcome(self.state.propose(command).await?)? {
