@@ -283,10 +283,12 @@ async fn t40_node_added_after_log_purge_receives_a_snapshot() {
         .unwrap();
     c.node(leader).promote(4).await.unwrap();
     let n4 = c.node(4);
-    assert!(
-        n4.raft().metrics().borrow().snapshot.is_some(),
-        "node 4 installed a snapshot"
-    );
+    // Metrics are published asynchronously; wait (bounded) for node 4 to report the snapshot.
+    n4.raft()
+        .wait(Some(Duration::from_secs(10)))
+        .metrics(|m| m.snapshot.is_some(), "node 4 installed a snapshot")
+        .await
+        .unwrap();
     assert!(n4.store().snapshot_get().unwrap().is_some());
     assert_eq!(c.entries(4).await, c.entries(leader).await);
     assert_eq!(c.entries(4).await.len(), 25);
@@ -356,4 +358,54 @@ async fn t60_restarting_every_node_gives_identical_state() {
     for node in c.nodes.into_iter().flatten() {
         node.shutdown().await.unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t15_racing_attestations_through_different_nodes_consume_a_token_once() {
+    use plinth_storage::{CommandError, JoinToken};
+    let c = Cluster::start(3).await;
+    let leader = c.wait_leader().await;
+    let token = JoinToken {
+        token: "race-token".into(),
+        spiffe_id: None,
+        expires_at: i64::MAX,
+    };
+    c.write(leader, Command::JoinTokenCreate { token }).await;
+    let attest = |agent: &str| Command::AgentAttest {
+        spiffe_id: SpiffeId::new(&format!("spiffe://example.org/spire/agent/{agent}")).unwrap(),
+        attestation_type: "join_token".into(),
+        selectors: Selectors::new(),
+        serial_number: "01".into(),
+        expires_at: i64::MAX,
+        join_token: Some("race-token".into()),
+    };
+    let (a, b) = tokio::join!(
+        c.node(1).write(attest("a")),
+        c.node(2).write(attest("b")),
+        // node 3 joins the race too
+    );
+    let third = c.node(3).write(attest("c")).await;
+    let results = [a.unwrap().result, b.unwrap().result, third.unwrap().result];
+    let winners = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(winners, 1, "{results:?}");
+    assert!(results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .all(|e| *e == CommandError::JoinTokenNotFound));
+    let agents = c.node(3).read(|s| s.list_agents()).await.unwrap();
+    assert_eq!(agents.len(), 1);
+    for node in c.nodes.into_iter().flatten() {
+        node.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn t05_plain_tcp_needs_the_explicit_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(1, free_addr(), dir.path());
+    cfg.insecure_plaintext = false;
+    assert!(matches!(
+        RaftNode::start(cfg).await,
+        Err(NodeError::Config(m)) if m.contains("mTLS")
+    ));
 }
