@@ -144,7 +144,7 @@ impl Txn<'_> {
                     .into());
                 }
                 if let Some(token) = join_token {
-                    self.consume_token(token)?;
+                    self.consume_token(token.expose())?;
                 }
                 let agent = AttestedAgent {
                     spiffe_id: spiffe_id.clone(),
@@ -212,7 +212,7 @@ impl Txn<'_> {
                 })
             }
             Command::JoinTokenConsume { token } => {
-                let token = self.consume_token(token)?;
+                let token = self.consume_token(token.expose())?;
                 Ok(Outcome::JoinTokenConsumed { token })
             }
             Command::JoinTokenPrune => {

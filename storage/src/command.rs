@@ -10,8 +10,8 @@ use plinth_spiffe::{Selectors, SpiffeId, TrustDomain};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    AttestedAgent, CaAuthority, FederationRelationship, JoinToken, RegistrationEntry, StoredBundle,
-    StoredJwtAuthority,
+    AttestedAgent, CaAuthority, FederationRelationship, JoinToken, RegistrationEntry, SecretString,
+    StoredBundle, StoredJwtAuthority,
 };
 
 /// A command with the leader's clock reading. `now` is Unix seconds.
@@ -49,7 +49,7 @@ pub enum Command {
         selectors: Selectors,
         serial_number: String,
         expires_at: i64,
-        join_token: Option<String>,
+        join_token: Option<SecretString>,
     },
     /// Rotate an agent SVID. Refused unless `current_serial` is the serial on record.
     AgentRenew {
@@ -72,7 +72,7 @@ pub enum Command {
     },
     /// Consume a token on its own (see also `AgentAttest::join_token`).
     JoinTokenConsume {
-        token: String,
+        token: SecretString,
     },
     /// Delete every token that expired before the proposal's `now`.
     JoinTokenPrune,

@@ -22,7 +22,7 @@ pub use command::{Change, ChangeEvent, Command, CommandError, Outcome, Proposal,
 pub use error::StorageError;
 pub use model::{
     AttestedAgent, AuthorityKind, AuthorityPublic, AuthorityStatus, BundleEndpointProfile,
-    CaAuthority, FederationRelationship, JoinToken, RegistrationEntry, StoredBundle,
+    CaAuthority, FederationRelationship, JoinToken, RegistrationEntry, SecretString, StoredBundle,
     StoredJwtAuthority,
 };
 pub use store::{create_private_dir, MetaKey, Store};

@@ -302,6 +302,13 @@ fn t30_join_token_is_consumed_exactly_once() {
         !format!("{token:?}").contains("s3cret"),
         "Debug must hide the token"
     );
+    let consume = Command::JoinTokenConsume {
+        token: "s3cret".into(),
+    };
+    assert!(
+        !format!("{consume:?}").contains("s3cret"),
+        "commands must not leak tokens"
+    );
 
     let agent = id("spiffe://example.org/spire/agent/join_token/s3cret");
     let attest = |serial: &str| Command::AgentAttest {
