@@ -20,6 +20,7 @@ use tonic::transport::server::Connected;
 use tonic::transport::Server;
 
 use crate::attest::Peer;
+use crate::h2_authority::AuthorityFix;
 use crate::workload_api::{CallerInfo, WorkloadApi};
 
 /// Mode of the directory holding the socket: others may enter, only the owner may write.
@@ -80,11 +81,16 @@ pub fn bind(socket_path: &Path) -> Result<UnixListener, EndpointError> {
     Ok(listener)
 }
 
-/// An accepted connection and what we know about its caller.
+/// An accepted connection and what we know about its caller. What the client sends passes
+/// through [`AuthorityFix`] so that gRPC C-core clients are understood.
 #[derive(Debug)]
 pub struct PeerStream {
     inner: UnixStream,
     info: CallerInfo,
+    fix: AuthorityFix,
+    /// Rewritten client bytes not yet handed to h2, and how many of them were.
+    pending: Vec<u8>,
+    pending_pos: usize,
 }
 
 impl PeerStream {
@@ -97,6 +103,9 @@ impl PeerStream {
         Self {
             inner,
             info: CallerInfo(Arc::new(peer)),
+            fix: AuthorityFix::new(),
+            pending: Vec::new(),
+            pending_pos: 0,
         }
     }
 }
@@ -111,11 +120,36 @@ impl Connected for PeerStream {
 
 impl AsyncRead for PeerStream {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        loop {
+            if this.pending_pos < this.pending.len() {
+                let n = buf.remaining().min(this.pending.len() - this.pending_pos);
+                buf.put_slice(&this.pending[this.pending_pos..this.pending_pos + n]);
+                this.pending_pos += n;
+                if this.pending_pos == this.pending.len() {
+                    this.pending.clear();
+                    this.pending_pos = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let mut raw = [0u8; 16 * 1024];
+            let mut raw_buf = ReadBuf::new(&mut raw);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut raw_buf) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {
+                    let got = raw_buf.filled();
+                    if got.is_empty() {
+                        return Poll::Ready(Ok(()));
+                    }
+                    this.fix.feed(got, &mut this.pending)?;
+                }
+            }
+        }
     }
 }
 

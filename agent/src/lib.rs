@@ -13,5 +13,6 @@ pub mod attest;
 pub mod cache;
 pub mod client;
 pub mod endpoint;
+pub mod h2_authority;
 pub mod jwt;
 pub mod workload_api;

@@ -146,12 +146,25 @@ fn jwt_bundles_response(
     let bundles = caller_bundles(state, selectors)?
         .into_iter()
         .map(|b| {
-            b.to_jwks()
+            jwt_only(b)
+                .and_then(|j| j.to_jwks())
                 .map(|doc| (b.trust_domain().id_string(), doc.into_bytes()))
                 .map_err(|e| ApiError::Internal(format!("encoding bundle: {e}")))
         })
         .collect::<Result<HashMap<_, _>, _>>()?;
     Ok(JwtBundlesResponse { bundles })
+}
+
+/// The JWT authorities of a bundle only: FetchJWTBundles serves JWK Sets of `jwt-svid` keys, as
+/// SPIRE does; clients such as py-spiffe reject keys without a `kid` there.
+fn jwt_only(b: &Bundle) -> Result<Bundle, plinth_spiffe::BundleError> {
+    let mut j = Bundle::new(b.trust_domain().clone());
+    for a in b.jwt_authorities() {
+        j.add_jwt_authority(a.clone())?;
+    }
+    j.set_sequence_number(b.sequence_number());
+    j.set_refresh_hint_secs(b.refresh_hint_secs());
+    Ok(j)
 }
 
 /// A stream that sends `build(state)` now and again whenever the cache changes what it returns;

@@ -255,6 +255,10 @@ async fn t20_bundle_streams_carry_own_and_federated_bundles_and_push_updates() {
         .get(&plinth_spiffe::TrustDomain::new(TD).unwrap())
         .unwrap();
     assert_eq!(own.jwt_authorities()[0].key_id, JWT_KID);
+    assert!(
+        own.x509_authorities().is_empty(),
+        "JWT bundles carry only jwt-svid keys"
+    );
 
     // A new CA is added to the own bundle: both streams push it.
     let extra = Domain::new(TD, "jwt-key-2");
