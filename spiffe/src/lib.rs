@@ -7,6 +7,9 @@
 //! Must not depend on: tokio or any IO, nor on any other plinth crate. Time is passed in by the
 //! caller, so expiry and rotation are testable without sleeping. Keys are reached through the
 //! [`Signer`] trait so that they can live in memory, on disk or in an HSM.
+//!
+//! With the `tls` feature, `tls` adds SPIFFE mTLS for rustls (verifiers, an SVID resolver over
+//! [`Signer`], config builders); still no IO.
 
 pub mod bundle;
 pub mod id;
@@ -15,6 +18,8 @@ pub mod jwt;
 pub mod key;
 pub mod pem;
 pub mod selector;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod x509;
 
 pub use bundle::{Bundle, BundleError, BundleSet, JwtAuthority};
