@@ -5,6 +5,13 @@
 //! Owns: the server process. Nothing in plinth depends on it. Domain code here speaks
 //! plinth-spiffe and plinth-storage types; protobuf types stay in the gRPC handlers.
 
+pub mod api;
+pub mod attest;
+pub mod authz;
 pub mod ca;
+pub mod cli;
 pub mod clock;
+pub mod config;
+pub mod health;
+pub mod run;
 pub mod state;

@@ -1,1 +1,57 @@
-fn main() {}
+//! The `plinth-server` binary.
+
+use clap::Parser;
+use plinth_server::cli::{self, Cli, Cmd};
+use plinth_server::config::Config;
+
+fn init_tracing(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level.to_ascii_lowercase()));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+async fn real_main() -> anyhow::Result<()> {
+    let cli = Cli::parse_from(cli::normalize_args(std::env::args()));
+    match cli.command {
+        Cmd::Validate(a) => {
+            Config::load(&a.config, a.expand_env)?;
+            println!("Configuration is valid.");
+            Ok(())
+        }
+        Cmd::Run(a) => {
+            let cfg = Config::load(&a.config, a.expand_env)?;
+            init_tracing(&cfg.file.server.log_level);
+            let server = plinth_server::run::start(cfg).await?;
+            shutdown_signal().await;
+            tracing::info!("stopping");
+            server.shutdown().await
+        }
+        other => cli::client(other).await,
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(e) = real_main().await {
+        eprintln!("Error: {e:#}");
+        std::process::exit(1);
+    }
+}

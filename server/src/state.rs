@@ -39,6 +39,36 @@ pub trait Replicated: Send + Sync + 'static {
     fn store(&self) -> &Store;
     /// Applied changes, in order.
     fn subscribe(&self) -> broadcast::Receiver<ChangeEvent>;
+    /// Leader, term and members as this node sees them.
+    fn cluster_status(&self) -> impl Future<Output = ClusterView> + Send;
+    /// Adds a server (as a learner, then a voter unless `learner_only`).
+    fn add_node(
+        &self,
+        node_id: u64,
+        address: String,
+        learner_only: bool,
+    ) -> impl Future<Output = Result<(), StateError>> + Send;
+    /// Removes a server from the cluster.
+    fn remove_node(&self, node_id: u64) -> impl Future<Output = Result<(), StateError>> + Send;
+}
+
+/// One member as `cluster status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberView {
+    pub node_id: u64,
+    pub address: String,
+    pub voter: bool,
+    /// The member's applied log index, if it answered.
+    pub applied_index: Option<u64>,
+}
+
+/// The cluster as one node sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterView {
+    pub node_id: u64,
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub members: Vec<MemberView>,
 }
 
 /// Turns a response into its outcome, refusals into errors.
@@ -106,5 +136,128 @@ impl Replicated for LocalState {
 
     fn subscribe(&self) -> broadcast::Receiver<ChangeEvent> {
         self.changes.subscribe()
+    }
+
+    async fn cluster_status(&self) -> ClusterView {
+        let applied = *self.next_index.lock().unwrap_or_else(|p| p.into_inner()) - 1;
+        ClusterView {
+            node_id: self.node_id,
+            leader: Some(self.node_id),
+            term: 1,
+            members: vec![MemberView {
+                node_id: self.node_id,
+                address: String::new(),
+                voter: true,
+                applied_index: Some(applied),
+            }],
+        }
+    }
+
+    async fn add_node(&self, _: u64, _: String, _: bool) -> Result<(), StateError> {
+        Err(StateError::Unavailable(
+            "this state is not replicated; membership changes need a Raft cluster".into(),
+        ))
+    }
+
+    async fn remove_node(&self, _: u64) -> Result<(), StateError> {
+        Err(StateError::Unavailable(
+            "this state is not replicated; membership changes need a Raft cluster".into(),
+        ))
+    }
+}
+
+/// The replicated state of a real server: a Raft node.
+#[derive(Debug)]
+pub struct RaftState {
+    node: plinth_raft::RaftNode,
+}
+
+impl RaftState {
+    /// Wraps a started node.
+    pub fn new(node: plinth_raft::RaftNode) -> Self {
+        Self { node }
+    }
+
+    /// The Raft node.
+    pub fn node(&self) -> &plinth_raft::RaftNode {
+        &self.node
+    }
+
+    /// Stops Raft and closes the store.
+    pub async fn shutdown(self) -> Result<(), StateError> {
+        self.node.shutdown().await.map_err(node_err)
+    }
+}
+
+fn node_err(e: plinth_raft::NodeError) -> StateError {
+    if e.is_fatal() {
+        StateError::Fatal(e.to_string())
+    } else {
+        StateError::Unavailable(e.to_string())
+    }
+}
+
+impl Replicated for RaftState {
+    fn node_id(&self) -> u64 {
+        self.node.id()
+    }
+
+    async fn propose(&self, command: Command) -> Result<Response, StateError> {
+        let r = self.node.write(command).await.map_err(node_err)?;
+        match r.result {
+            Ok(_) => Ok(r),
+            Err(e) => Err(StateError::Refused(e)),
+        }
+    }
+
+    async fn linearizable(&self) -> Result<(), StateError> {
+        self.node.linearizable_barrier().await.map_err(node_err)
+    }
+
+    fn store(&self) -> &Store {
+        self.node.store()
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<ChangeEvent> {
+        self.node.subscribe()
+    }
+
+    async fn cluster_status(&self) -> ClusterView {
+        let s = self.node.cluster_status().await;
+        ClusterView {
+            node_id: s.node_id,
+            leader: s.leader,
+            term: s.term,
+            members: s
+                .members
+                .into_iter()
+                .map(|m| MemberView {
+                    node_id: m.node_id,
+                    address: m.addr,
+                    voter: m.voter,
+                    applied_index: m.status.and_then(|st| st.applied_index),
+                })
+                .collect(),
+        }
+    }
+
+    async fn add_node(
+        &self,
+        node_id: u64,
+        address: String,
+        learner_only: bool,
+    ) -> Result<(), StateError> {
+        self.node
+            .add_learner(node_id, address)
+            .await
+            .map_err(node_err)?;
+        if !learner_only {
+            self.node.promote(node_id).await.map_err(node_err)?;
+        }
+        Ok(())
+    }
+
+    async fn remove_node(&self, node_id: u64) -> Result<(), StateError> {
+        self.node.remove(node_id).await.map_err(node_err)
     }
 }

@@ -1,0 +1,431 @@
+//! Entry API: admin CRUD, and the authorized-entries stream agents subscribe to.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use plinth_api::server as pb;
+use plinth_api::server::entry_service_server::EntryService;
+use plinth_spiffe::{SpiffeId, TrustDomain};
+use plinth_storage::{Change, Command, Outcome, RegistrationEntry};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::convert::{bundle_to_proto, entry_from_proto, entry_to_proto, selectors_from_proto};
+use super::{fatal, item_err, item_ok, state_status, ServerCore};
+use crate::authz::authorized_entries;
+use crate::state::Replicated;
+
+/// Largest page a list returns.
+const MAX_PAGE: usize = 1000;
+
+#[derive(Debug)]
+pub(super) struct EntryApi<S>(pub(super) Arc<ServerCore<S>>);
+
+fn matches_filter(e: &RegistrationEntry, f: &pb::EntryFilter) -> Result<bool, Status> {
+    if !f.by_spiffe_id.is_empty() && e.spiffe_id.as_str() != f.by_spiffe_id {
+        return Ok(false);
+    }
+    if !f.by_parent_id.is_empty() && e.parent_id.as_str() != f.by_parent_id {
+        return Ok(false);
+    }
+    if !f.by_hint.is_empty() && e.hint != f.by_hint {
+        return Ok(false);
+    }
+    if !f.by_federates_with.is_empty()
+        && !e
+            .federates_with
+            .iter()
+            .any(|t| t.name() == f.by_federates_with || t.id_string() == f.by_federates_with)
+    {
+        return Ok(false);
+    }
+    match f.by_downstream {
+        1 if !e.downstream => return Ok(false),
+        2 if e.downstream => return Ok(false),
+        _ => {}
+    }
+    if let Some(m) = &f.by_selectors {
+        let want = selectors_from_proto(&m.selectors)?;
+        use pb::selector_match::MatchBehavior;
+        let ok = match MatchBehavior::try_from(m.r#match).unwrap_or(MatchBehavior::MatchExact) {
+            MatchBehavior::MatchExact => e.selectors == want,
+            MatchBehavior::MatchSubset => e.selectors.iter().all(|s| want.contains(s)),
+            MatchBehavior::MatchSuperset => want.iter().all(|s| e.selectors.contains(s)),
+            MatchBehavior::MatchAny => want.iter().any(|s| e.selectors.contains(s)),
+        };
+        if !ok {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+impl<S: Replicated> EntryApi<S> {
+    fn td(&self) -> &TrustDomain {
+        &self.0.cfg.trust_domain
+    }
+
+    async fn filtered(
+        &self,
+        filter: Option<&pb::EntryFilter>,
+    ) -> Result<Vec<RegistrationEntry>, Status> {
+        self.0.state.linearizable().await.map_err(state_status)?;
+        let all = self.0.state.store().list_entries().map_err(fatal)?;
+        let mut out = Vec::with_capacity(all.len());
+        for e in all {
+            if filter.map_or(Ok(true), |f| matches_filter(&e, f))? {
+                out.push(e);
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+}
+
+type SyncStream =
+    Pin<Box<dyn Stream<Item = Result<pb::SyncAuthorizedEntriesResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<S: Replicated> EntryService for EntryApi<S> {
+    async fn count_entries(
+        &self,
+        req: Request<pb::CountEntriesRequest>,
+    ) -> Result<Response<pb::CountEntriesResponse>, Status> {
+        self.0.require_admin(&req)?;
+        let n = self.filtered(req.get_ref().filter.as_ref()).await?.len();
+        Ok(Response::new(pb::CountEntriesResponse {
+            count: i32::try_from(n).unwrap_or(i32::MAX),
+        }))
+    }
+
+    async fn list_entries(
+        &self,
+        req: Request<pb::ListEntriesRequest>,
+    ) -> Result<Response<pb::ListEntriesResponse>, Status> {
+        self.0.require_admin(&req)?;
+        let r = req.get_ref();
+        if r.page_size < 0 {
+            return Err(Status::invalid_argument("page_size must not be negative"));
+        }
+        let size = match r.page_size {
+            0 => MAX_PAGE,
+            n => usize::try_from(n).unwrap_or(MAX_PAGE).min(MAX_PAGE),
+        };
+        let all = self.filtered(r.filter.as_ref()).await?;
+        let start = if r.page_token.is_empty() {
+            0
+        } else {
+            all.partition_point(|e| e.id.as_str() <= r.page_token.as_str())
+        };
+        let page: Vec<_> = all.iter().skip(start).take(size).collect();
+        let next_page_token = if start + page.len() < all.len() {
+            page.last().map(|e| e.id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListEntriesResponse {
+            entries: page.into_iter().map(entry_to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn get_entry(
+        &self,
+        req: Request<pb::GetEntryRequest>,
+    ) -> Result<Response<pb::Entry>, Status> {
+        self.0.require_admin(&req)?;
+        self.0.state.linearizable().await.map_err(state_status)?;
+        let id = &req.get_ref().id;
+        let e = self
+            .0
+            .state
+            .store()
+            .get_entry(id)
+            .map_err(fatal)?
+            .ok_or_else(|| Status::not_found(format!("entry {id} not found")))?;
+        Ok(Response::new(entry_to_proto(&e)))
+    }
+
+    async fn batch_create_entry(
+        &self,
+        req: Request<pb::BatchCreateEntryRequest>,
+    ) -> Result<Response<pb::BatchCreateEntryResponse>, Status> {
+        self.0.require_admin(&req)?;
+        let mut results = Vec::new();
+        for e in &req.get_ref().entries {
+            let r = match entry_from_proto(e, self.td()) {
+                Err(s) => Err(s),
+                Ok(entry) => match self.0.state.propose(Command::EntryCreate { entry }).await {
+                    Ok(resp) => match resp.result {
+                        Ok(Outcome::Entry { entry }) => Ok(entry),
+                        _ => Err(Status::internal("unexpected outcome")),
+                    },
+                    Err(e) => Err(state_status(e)),
+                },
+            };
+            results.push(match r {
+                Ok(entry) => pb::batch_create_entry_response::Result {
+                    status: item_ok(),
+                    entry: Some(entry_to_proto(&entry)),
+                },
+                Err(s) => pb::batch_create_entry_response::Result {
+                    status: item_err(&s),
+                    entry: None,
+                },
+            });
+        }
+        Ok(Response::new(pb::BatchCreateEntryResponse { results }))
+    }
+
+    async fn batch_update_entry(
+        &self,
+        req: Request<pb::BatchUpdateEntryRequest>,
+    ) -> Result<Response<pb::BatchUpdateEntryResponse>, Status> {
+        self.0.require_admin(&req)?;
+        let mut results = Vec::new();
+        for e in &req.get_ref().entries {
+            let r = if e.id.is_empty() {
+                Err(Status::invalid_argument(
+                    "invalid id: an entry ID is required to update",
+                ))
+            } else {
+                match entry_from_proto(e, self.td()) {
+                    Err(s) => Err(s),
+                    Ok(entry) => {
+                        let expected_revision = (e.revision != 0).then_some(e.revision);
+                        match self
+                            .0
+                            .state
+                            .propose(Command::EntryUpdate {
+                                entry,
+                                expected_revision,
+                            })
+                            .await
+                        {
+                            Ok(resp) => match resp.result {
+                                Ok(Outcome::Entry { entry }) => Ok(entry),
+                                _ => Err(Status::internal("unexpected outcome")),
+                            },
+                            Err(e) => Err(state_status(e)),
+                        }
+                    }
+                }
+            };
+            results.push(match r {
+                Ok(entry) => pb::batch_update_entry_response::Result {
+                    status: item_ok(),
+                    entry: Some(entry_to_proto(&entry)),
+                },
+                Err(s) => pb::batch_update_entry_response::Result {
+                    status: item_err(&s),
+                    entry: None,
+                },
+            });
+        }
+        Ok(Response::new(pb::BatchUpdateEntryResponse { results }))
+    }
+
+    async fn batch_delete_entry(
+        &self,
+        req: Request<pb::BatchDeleteEntryRequest>,
+    ) -> Result<Response<pb::BatchDeleteEntryResponse>, Status> {
+        self.0.require_admin(&req)?;
+        let mut results = Vec::new();
+        for id in &req.get_ref().ids {
+            let r = self
+                .0
+                .state
+                .propose(Command::EntryDelete { id: id.clone() })
+                .await
+                .map_err(state_status);
+            results.push(pb::batch_delete_entry_response::Result {
+                status: match &r {
+                    Ok(_) => item_ok(),
+                    Err(s) => item_err(s),
+                },
+                id: id.clone(),
+            });
+        }
+        Ok(Response::new(pb::BatchDeleteEntryResponse { results }))
+    }
+
+    type SyncAuthorizedEntriesStream = SyncStream;
+
+    async fn sync_authorized_entries(
+        &self,
+        req: Request<pb::SyncAuthorizedEntriesRequest>,
+    ) -> Result<Response<SyncStream>, Status> {
+        let agent = self.0.require_agent(&req).await?;
+        let core = self.0.clone();
+        // Subscribe before reading the full set, so that no change falls between the two.
+        let changes = core.state.subscribe();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(sync_loop(core, agent.spiffe_id, changes, tx));
+        Ok(Response::new(
+            Box::pin(ReceiverStream::new(rx)) as SyncStream
+        ))
+    }
+}
+
+/// What one agent currently holds.
+struct AgentView {
+    entries: BTreeMap<String, RegistrationEntry>,
+    bundle_seq: Option<u64>,
+    federated: BTreeMap<String, u64>,
+}
+
+/// Authorized entries, the trust bundle and the federated bundles they need.
+type AgentState = (
+    BTreeMap<String, RegistrationEntry>,
+    Option<pb::Bundle>,
+    Vec<pb::Bundle>,
+);
+
+fn compute<S: Replicated>(core: &ServerCore<S>, agent_id: &SpiffeId) -> Result<AgentState, Status> {
+    let store = core.state.store();
+    let agent = store
+        .get_agent(agent_id)
+        .map_err(fatal)?
+        .filter(|a| !a.banned)
+        .ok_or_else(|| {
+            Status::permission_denied(format!(
+                "agent {agent_id} is no longer attested or is banned"
+            ))
+        })?;
+    let entries = authorized_entries(
+        store,
+        &core.cfg.trust_domain,
+        agent_id,
+        &agent.selectors,
+        core.now(),
+    )
+    .map_err(fatal)?;
+    let bundle = store
+        .get_bundle(&core.cfg.trust_domain)
+        .map_err(fatal)?
+        .map(|b| bundle_to_proto(&b));
+    let mut feds: Vec<TrustDomain> = entries
+        .values()
+        .flat_map(|e| e.federates_with.iter().cloned())
+        .collect();
+    feds.sort();
+    feds.dedup();
+    let mut federated = Vec::new();
+    for td in feds {
+        if let Some(b) = store.get_bundle(&td).map_err(fatal)? {
+            federated.push(bundle_to_proto(&b));
+        }
+    }
+    Ok((entries, bundle, federated))
+}
+
+async fn sync_loop<S: Replicated>(
+    core: Arc<ServerCore<S>>,
+    agent_id: SpiffeId,
+    mut changes: broadcast::Receiver<plinth_storage::ChangeEvent>,
+    tx: mpsc::Sender<Result<pb::SyncAuthorizedEntriesResponse, Status>>,
+) {
+    let mut view = AgentView {
+        entries: BTreeMap::new(),
+        bundle_seq: None,
+        federated: BTreeMap::new(),
+    };
+    let mut full = true;
+    loop {
+        let revision = core.state.store().revision().unwrap_or(0);
+        let msg = match compute(&core, &agent_id) {
+            Ok((entries, bundle, federated)) => {
+                let mut m = pb::SyncAuthorizedEntriesResponse {
+                    full,
+                    revision,
+                    ..Default::default()
+                };
+                if full {
+                    m.upserted = entries.values().map(entry_to_proto).collect();
+                } else {
+                    for (id, e) in &entries {
+                        if view
+                            .entries
+                            .get(id)
+                            .is_none_or(|old| old.revision != e.revision)
+                        {
+                            m.upserted.push(entry_to_proto(e));
+                        }
+                    }
+                    for id in view.entries.keys() {
+                        if !entries.contains_key(id) {
+                            m.deleted_ids.push(id.clone());
+                        }
+                    }
+                }
+                let seq = bundle.as_ref().map(|b| b.sequence_number);
+                if full || seq != view.bundle_seq {
+                    m.bundle = bundle;
+                }
+                let fed_now: BTreeMap<String, u64> = federated
+                    .iter()
+                    .map(|b| (b.trust_domain.clone(), b.sequence_number))
+                    .collect();
+                if full || fed_now != view.federated {
+                    m.federated_bundles = federated;
+                }
+                view = AgentView {
+                    entries,
+                    bundle_seq: seq,
+                    federated: fed_now,
+                };
+                let changed = full
+                    || !m.upserted.is_empty()
+                    || !m.deleted_ids.is_empty()
+                    || m.bundle.is_some()
+                    || !m.federated_bundles.is_empty();
+                changed.then_some(Ok(m))
+            }
+            Err(s) => {
+                let _ = tx.send(Err(s)).await;
+                return;
+            }
+        };
+        if let Some(m) = msg {
+            if tx.send(m).await.is_err() {
+                return; // agent went away
+            }
+        }
+        full = false;
+        // Wait for a change that can matter to this agent; drain bursts before recomputing.
+        let mut relevant = false;
+        while !relevant {
+            match changes.recv().await {
+                Ok(ev) => {
+                    full |= matches!(ev.change, Change::Reset);
+                    relevant = matters(&ev.change, &agent_id);
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    full = true;
+                    relevant = true;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+            while let Ok(ev) = changes.try_recv() {
+                full |= matches!(ev.change, Change::Reset);
+                relevant |= matters(&ev.change, &agent_id);
+            }
+        }
+        if tx.is_closed() {
+            return;
+        }
+    }
+}
+
+fn matters(change: &Change, agent_id: &SpiffeId) -> bool {
+    match change {
+        Change::EntryPut { .. } | Change::EntryDeleted { .. } | Change::BundlePut { .. } => true,
+        Change::BundleDeleted { .. } | Change::Reset => true,
+        Change::AgentPut { agent } => &agent.spiffe_id == agent_id,
+        Change::AgentDeleted { spiffe_id } => spiffe_id == agent_id,
+        _ => false,
+    }
+}

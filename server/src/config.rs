@@ -1,0 +1,576 @@
+//! `server.toml`: SPIRE's configuration blocks in TOML. Unknown keys are an error naming the key;
+//! `${VAR}` references are expanded only when asked (`-expandEnv`), as in SPIRE.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use plinth_spiffe::{KeyType, SpiffeId, TrustDomain};
+use serde::Deserialize;
+
+/// Why a configuration is not usable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config: {0}")]
+    Parse(String),
+    #[error("config: environment variable {0} referenced by ${{{0}}} is not set")]
+    MissingEnv(String),
+    #[error("config: {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl ToString) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.to_string(),
+    }
+}
+
+/// The file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub server: ServerSection,
+    #[serde(default)]
+    pub cluster: ClusterSection,
+    #[serde(default)]
+    pub key_manager: KeyManagerSection,
+    pub upstream_authority: Option<UpstreamSection>,
+    #[serde(default)]
+    pub node_attestor: NodeAttestorSection,
+    #[serde(default)]
+    pub health_checks: HealthSection,
+    #[serde(default)]
+    pub telemetry: TelemetrySection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    #[serde(default = "default_bind_address")]
+    pub bind_address: String,
+    #[serde(default = "default_bind_port")]
+    pub bind_port: u16,
+    #[serde(default = "default_socket_path")]
+    pub socket_path: PathBuf,
+    pub trust_domain: String,
+    pub data_dir: PathBuf,
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+    #[serde(default = "default_ca_ttl")]
+    pub ca_ttl: String,
+    #[serde(default = "default_x509_ttl")]
+    pub default_x509_svid_ttl: String,
+    #[serde(default = "default_jwt_ttl")]
+    pub default_jwt_svid_ttl: String,
+    #[serde(default = "default_key_type")]
+    pub ca_key_type: String,
+    #[serde(default = "default_key_type")]
+    pub jwt_key_type: String,
+    #[serde(default)]
+    pub jwt_issuer: String,
+    #[serde(default)]
+    pub admin_ids: Vec<String>,
+    #[serde(default)]
+    pub ca_subject: CaSubject,
+    #[serde(default = "default_agent_ttl")]
+    pub agent_ttl: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaSubject {
+    #[serde(default = "default_country")]
+    pub country: String,
+    #[serde(default = "default_org")]
+    pub organization: String,
+    #[serde(default)]
+    pub common_name: String,
+}
+
+impl Default for CaSubject {
+    fn default() -> Self {
+        Self {
+            country: default_country(),
+            organization: default_org(),
+            common_name: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    #[serde(default = "default_node_id")]
+    pub node_id: u64,
+    /// Where the Raft peer API listens.
+    #[serde(default = "default_raft_bind")]
+    pub bind_address: String,
+    /// `host:port` other servers use to reach this one; defaults to the bound address.
+    #[serde(default)]
+    pub advertise_address: String,
+    /// Initialise a new cluster with this node as its only member (first node only; ignored if
+    /// the data dir already holds a cluster).
+    #[serde(default = "default_true")]
+    pub bootstrap: bool,
+    /// Serve the Raft peer API over plain TCP. mTLS between servers is not implemented yet, so
+    /// this must be set explicitly.
+    #[serde(default)]
+    pub insecure_plaintext: bool,
+    #[serde(default = "default_election_min")]
+    pub election_timeout_min_ms: u64,
+    #[serde(default = "default_election_max")]
+    pub election_timeout_max_ms: u64,
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_interval_ms: u64,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        Self {
+            node_id: default_node_id(),
+            bind_address: default_raft_bind(),
+            advertise_address: String::new(),
+            bootstrap: true,
+            insecure_plaintext: false,
+            election_timeout_min_ms: default_election_min(),
+            election_timeout_max_ms: default_election_max(),
+            heartbeat_interval_ms: default_heartbeat(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, tag = "type", rename_all = "snake_case")]
+pub enum KeyManagerSection {
+    #[default]
+    Memory,
+    Disk {
+        keys_path: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, tag = "type", rename_all = "snake_case")]
+pub enum UpstreamSection {
+    Disk {
+        cert_file_path: PathBuf,
+        key_file_path: PathBuf,
+        #[serde(default)]
+        bundle_file_path: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeAttestorSection {
+    pub join_token: Option<JoinTokenAttestor>,
+    pub x509pop: Option<X509PopAttestor>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinTokenAttestor {}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct X509PopAttestor {
+    /// PEM file of the CA certificates agent certificates must chain to.
+    pub ca_bundle_path: PathBuf,
+    /// SPIRE's `agent_path_template`; plinth supports the default only.
+    #[serde(default)]
+    pub agent_path_template: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSection {
+    #[serde(default)]
+    pub listener_enabled: bool,
+    #[serde(default = "default_health_bind")]
+    pub bind_address: String,
+    #[serde(default = "default_health_port")]
+    pub bind_port: u16,
+    #[serde(default = "default_live")]
+    pub live_path: String,
+    #[serde(default = "default_ready")]
+    pub ready_path: String,
+}
+
+impl Default for HealthSection {
+    fn default() -> Self {
+        Self {
+            listener_enabled: false,
+            bind_address: default_health_bind(),
+            bind_port: default_health_port(),
+            live_path: default_live(),
+            ready_path: default_ready(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySection {
+    /// Prometheus listener port (SPIRE convention 9988); not served yet when unset.
+    #[serde(default)]
+    pub prometheus_port: Option<u16>,
+}
+
+fn default_bind_address() -> String {
+    "0.0.0.0".into()
+}
+fn default_bind_port() -> u16 {
+    8081
+}
+fn default_socket_path() -> PathBuf {
+    PathBuf::from("/tmp/plinth-server/private/api.sock")
+}
+fn default_log_level() -> String {
+    "INFO".into()
+}
+fn default_ca_ttl() -> String {
+    "24h".into()
+}
+fn default_x509_ttl() -> String {
+    "1h".into()
+}
+fn default_jwt_ttl() -> String {
+    "5m".into()
+}
+fn default_agent_ttl() -> String {
+    "1h".into()
+}
+fn default_key_type() -> String {
+    "ec-p256".into()
+}
+fn default_country() -> String {
+    "US".into()
+}
+fn default_org() -> String {
+    "SPIFFE".into()
+}
+fn default_node_id() -> u64 {
+    1
+}
+fn default_raft_bind() -> String {
+    "127.0.0.1:8082".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_election_min() -> u64 {
+    500
+}
+fn default_election_max() -> u64 {
+    1000
+}
+fn default_heartbeat() -> u64 {
+    100
+}
+fn default_health_bind() -> String {
+    "localhost".into()
+}
+fn default_health_port() -> u16 {
+    80
+}
+fn default_live() -> String {
+    "/live".into()
+}
+fn default_ready() -> String {
+    "/ready".into()
+}
+
+/// Parses durations as SPIRE writes them: `90s`, `5m`, `1h`, `24h`, `1h30m`, `168h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty duration".into());
+    }
+    let mut total = 0u64;
+    let mut num = String::new();
+    let mut saw_unit = false;
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let mut unit = c.to_string();
+        if c == 'm' && chars.peek() == Some(&'s') {
+            chars.next();
+            unit = "ms".into();
+        }
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a duration like 90s, 5m or 24h"))?;
+        num.clear();
+        let secs = match unit.as_str() {
+            "s" => n,
+            "m" => n * 60,
+            "h" => n * 3600,
+            "d" => n * 86400,
+            "ms" => {
+                if n % 1000 != 0 {
+                    return Err(format!("{s:?}: sub-second durations are not supported"));
+                }
+                n / 1000
+            }
+            _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m, h or d)")),
+        };
+        total = total
+            .checked_add(secs)
+            .ok_or_else(|| format!("{s:?} is too long"))?;
+        saw_unit = true;
+    }
+    if !num.is_empty() || !saw_unit {
+        return Err(format!("{s:?} needs a unit (s, m, h or d)"));
+    }
+    if total == 0 {
+        return Err(format!("{s:?} must be positive"));
+    }
+    Ok(Duration::from_secs(total))
+}
+
+/// Replaces `${VAR}` with the environment's value; a missing variable is an error.
+pub fn expand_env(text: &str) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            out.push_str(&rest[start..]);
+            rest = "";
+            break;
+        };
+        let name = &after[..end];
+        let value = std::env::var(name).map_err(|_| ConfigError::MissingEnv(name.to_owned()))?;
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// A validated configuration, with parsed values.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: FileConfig,
+    pub trust_domain: TrustDomain,
+    pub bind: SocketAddr,
+    pub raft_bind: SocketAddr,
+    pub ca_ttl: Duration,
+    pub x509_svid_ttl: Duration,
+    pub jwt_svid_ttl: Duration,
+    pub agent_ttl: Duration,
+    pub ca_key_type: KeyType,
+    pub jwt_key_type: KeyType,
+    pub admin_ids: Vec<SpiffeId>,
+}
+
+fn socket_addr(key: &'static str, host: &str, port: u16) -> Result<SocketAddr, ConfigError> {
+    use std::net::ToSocketAddrs;
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| invalid(key, format!("{host}:{port}: {e}")))?
+        .next()
+        .ok_or_else(|| invalid(key, format!("{host}:{port} resolves to nothing")))
+}
+
+impl Config {
+    /// Parses and validates config text.
+    pub fn parse(text: &str, expand: bool) -> Result<Self, ConfigError> {
+        let text = if expand {
+            expand_env(text)?
+        } else {
+            text.to_owned()
+        };
+        let file: FileConfig =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        Self::validate(file)
+    }
+
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &std::path::Path, expand: bool) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, expand)
+    }
+
+    fn validate(file: FileConfig) -> Result<Self, ConfigError> {
+        let s = &file.server;
+        let trust_domain =
+            TrustDomain::new(&s.trust_domain).map_err(|e| invalid("server.trust_domain", e))?;
+        let dur = |key: &'static str, v: &str| parse_duration(v).map_err(|e| invalid(key, e));
+        let ca_ttl = dur("server.ca_ttl", &s.ca_ttl)?;
+        let x509_svid_ttl = dur("server.default_x509_svid_ttl", &s.default_x509_svid_ttl)?;
+        let jwt_svid_ttl = dur("server.default_jwt_svid_ttl", &s.default_jwt_svid_ttl)?;
+        let agent_ttl = dur("server.agent_ttl", &s.agent_ttl)?;
+        if x509_svid_ttl >= ca_ttl {
+            return Err(invalid(
+                "server.default_x509_svid_ttl",
+                format!(
+                    "{} must be shorter than ca_ttl ({}), or every SVID is cut short by its CA",
+                    s.default_x509_svid_ttl, s.ca_ttl
+                ),
+            ));
+        }
+        let ca_key_type: KeyType = s
+            .ca_key_type
+            .parse()
+            .map_err(|e| invalid("server.ca_key_type", e))?;
+        let jwt_key_type: KeyType = s
+            .jwt_key_type
+            .parse()
+            .map_err(|e| invalid("server.jwt_key_type", e))?;
+        let admin_ids = s
+            .admin_ids
+            .iter()
+            .map(|a| {
+                SpiffeId::new(a).map_err(|e| invalid("server.admin_ids", format!("{a:?}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let bind = socket_addr("server.bind_address", &s.bind_address, s.bind_port)?;
+        let raft_bind: SocketAddr = file.cluster.bind_address.parse().map_err(|e| {
+            invalid(
+                "cluster.bind_address",
+                format!("{}: {e}", file.cluster.bind_address),
+            )
+        })?;
+        if file.cluster.node_id == 0 {
+            return Err(invalid("cluster.node_id", "must be at least 1"));
+        }
+        if file.node_attestor.join_token.is_none() && file.node_attestor.x509pop.is_none() {
+            return Err(invalid(
+                "node_attestor",
+                "configure at least one node attestor ([node_attestor.join_token] or [node_attestor.x509pop])",
+            ));
+        }
+        if let Some(x) = &file.node_attestor.x509pop {
+            if x.agent_path_template.is_some() {
+                return Err(invalid(
+                    "node_attestor.x509pop.agent_path_template",
+                    "custom templates are not supported; remove it to use the default",
+                ));
+            }
+        }
+        Ok(Self {
+            trust_domain,
+            bind,
+            raft_bind,
+            ca_ttl,
+            x509_svid_ttl,
+            jwt_svid_ttl,
+            agent_ttl,
+            ca_key_type,
+            jwt_key_type,
+            admin_ids,
+            file,
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+[server]
+trust_domain = "example.org"
+data_dir = "/tmp/x"
+
+[node_attestor.join_token]
+"#;
+
+    #[test]
+    fn minimal_config_gets_spire_defaults() {
+        let c = Config::parse(MIN, false).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.bind.port(), 8081);
+        assert_eq!(c.ca_ttl, Duration::from_secs(86400));
+        assert_eq!(c.x509_svid_ttl, Duration::from_secs(3600));
+        assert_eq!(c.jwt_svid_ttl, Duration::from_secs(300));
+        assert_eq!(c.ca_key_type, KeyType::EcP256);
+        assert_eq!(
+            c.file.server.socket_path,
+            PathBuf::from("/tmp/plinth-server/private/api.sock")
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let text = MIN.replace("data_dir", "data_dirr");
+        let e = Config::parse(&text, false).unwrap_err().to_string();
+        assert!(e.contains("data_dirr"), "{e}");
+        let text = format!("{MIN}\n[bogus]\nx = 1\n");
+        let e = Config::parse(&text, false).unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_clear() {
+        let cases = [
+            (
+                "trust_domain = \"example.org\"",
+                "trust_domain = \"Example.org\"",
+                "server.trust_domain",
+            ),
+            ("data_dir", "ca_ttl = \"1x\"\ndata_dir", "server.ca_ttl"),
+            (
+                "data_dir",
+                "ca_key_type = \"dsa\"\ndata_dir",
+                "server.ca_key_type",
+            ),
+            (
+                "data_dir",
+                "default_x509_svid_ttl = \"48h\"\ndata_dir",
+                "default_x509_svid_ttl",
+            ),
+            (
+                "data_dir",
+                "admin_ids = [\"spiffe://x/../y\"]\ndata_dir",
+                "server.admin_ids",
+            ),
+            ("[node_attestor.join_token]", "", "node_attestor"),
+        ];
+        for (from, to, want) in cases {
+            let text = MIN.replacen(from, to, 1);
+            let e = Config::parse(&text, false).unwrap_err().to_string();
+            assert!(e.contains(want), "{to:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn env_expansion_only_when_asked() {
+        std::env::set_var("PLINTH_TEST_TD", "env.example");
+        let text = MIN.replace("example.org", "${PLINTH_TEST_TD}");
+        assert!(Config::parse(&text, false).is_err());
+        let c = Config::parse(&text, true).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.trust_domain.name(), "env.example");
+        let text = MIN.replace("example.org", "${PLINTH_TEST_UNSET_VAR}");
+        assert!(matches!(
+            Config::parse(&text, true),
+            Err(ConfigError::MissingEnv(_))
+        ));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("168h"), Ok(Duration::from_secs(604800)));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("").is_err());
+    }
+}

@@ -1,0 +1,277 @@
+//! `plinth-server run`: start Raft, the CA, and serve the APIs on the admin socket (and TCP).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use plinth_raft::{NodeError, RaftConfig, RaftNode};
+use plinth_storage::Command;
+use plinth_upstream::{
+    DiskKeyManager, DiskUpstreamAuthority, KeyManager, MemoryKeyManager, UpstreamAuthority,
+};
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::api::{ServerCore, Services};
+use crate::attest::X509PopVerifier;
+use crate::ca::{CaConfig, CaManager};
+use crate::clock::{Clock, SystemClock};
+use crate::config::{Config, KeyManagerSection, UpstreamSection};
+use crate::state::{RaftState, Replicated, StateError};
+
+/// How often the CA manager checks whether a rotation is due.
+const ROTATE_EVERY: Duration = Duration::from_secs(10);
+/// How often expired join tokens are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// A running server (for tests and the binary).
+#[derive(Debug)]
+pub struct RunningServer {
+    pub core: Arc<ServerCore<RaftState>>,
+    pub admin_socket: std::path::PathBuf,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningServer {
+    /// Stops serving and shuts Raft down.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let core = self.core;
+        // The API tasks held the only other references; wait briefly for them to drop.
+        let mut core = core;
+        for _ in 0..50 {
+            match Arc::try_unwrap(core) {
+                Ok(c) => {
+                    drop(c.ca);
+                    if let Ok(state) = Arc::try_unwrap(c.state) {
+                        state.shutdown().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                    }
+                    let _ = std::fs::remove_file(&self.admin_socket);
+                    return Ok(());
+                }
+                Err(c) => {
+                    core = c;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&self.admin_socket);
+        Ok(())
+    }
+}
+
+fn private_dir(path: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("setting permissions of {}", path.display()))?;
+    Ok(())
+}
+
+async fn wait_for_cluster(state: &RaftState) -> anyhow::Result<()> {
+    let mut waited = 0u32;
+    loop {
+        match state.linearizable().await {
+            Ok(()) => return Ok(()),
+            Err(StateError::Unavailable(m)) => {
+                waited += 1;
+                if waited % 5 == 1 {
+                    tracing::info!(reason = %m, "waiting for the cluster to elect a leader");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => bail!("cluster failed: {e}"),
+        }
+    }
+}
+
+/// Starts a server from a validated configuration.
+pub async fn start(cfg: Config) -> anyhow::Result<RunningServer> {
+    let cfg = Arc::new(cfg);
+    let data_dir = cfg.file.server.data_dir.clone();
+    private_dir(&data_dir)?;
+    let cl = &cfg.file.cluster;
+    let mut rc = RaftConfig::new(cl.node_id, cfg.raft_bind, data_dir.join("raft"));
+    rc.insecure_plaintext = cl.insecure_plaintext;
+    if !cl.advertise_address.is_empty() {
+        rc.advertise_addr = Some(cl.advertise_address.clone());
+    }
+    rc.election_timeout_min = Duration::from_millis(cl.election_timeout_min_ms);
+    rc.election_timeout_max = Duration::from_millis(cl.election_timeout_max_ms);
+    rc.heartbeat_interval = Duration::from_millis(cl.heartbeat_interval_ms);
+    let node = RaftNode::start(rc).await.map_err(|e| match e {
+        NodeError::Config(m) if !cl.insecure_plaintext => {
+            anyhow::anyhow!("{m} (in server.toml: [cluster] insecure_plaintext = true)")
+        }
+        other => anyhow::anyhow!("starting Raft: {other}"),
+    })?;
+    if cl.bootstrap {
+        match node.bootstrap().await {
+            Ok(()) => tracing::info!(node_id = cl.node_id, "bootstrapped a new cluster"),
+            Err(NodeError::AlreadyInitialized) => {}
+            Err(e) => bail!("bootstrapping the cluster: {e}"),
+        }
+    }
+    let state = Arc::new(RaftState::new(node));
+    if cl.bootstrap {
+        wait_for_cluster(&state).await?;
+    }
+
+    let keys: Arc<dyn KeyManager> = match &cfg.file.key_manager {
+        KeyManagerSection::Memory => Arc::new(MemoryKeyManager::new()),
+        KeyManagerSection::Disk { keys_path } => Arc::new(
+            DiskKeyManager::open(keys_path).with_context(|| "opening the disk key manager")?,
+        ),
+    };
+    let upstream: Option<Arc<dyn UpstreamAuthority>> = match &cfg.file.upstream_authority {
+        None => None,
+        Some(UpstreamSection::Disk {
+            cert_file_path,
+            key_file_path,
+            bundle_file_path,
+        }) => Some(Arc::new(
+            DiskUpstreamAuthority::open(cert_file_path, key_file_path, bundle_file_path.as_deref())
+                .context("upstream_authority")?,
+        )),
+    };
+    let x509pop = match &cfg.file.node_attestor.x509pop {
+        None => None,
+        Some(x) => {
+            let text = std::fs::read_to_string(&x.ca_bundle_path)
+                .with_context(|| format!("reading {}", x.ca_bundle_path.display()))?;
+            let roots = plinth_spiffe::pem::parse_all(&text, "CERTIFICATE")
+                .with_context(|| format!("{}", x.ca_bundle_path.display()))?;
+            Some(X509PopVerifier::new(roots)?)
+        }
+    };
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let s = &cfg.file.server;
+    let ca = Arc::new(CaManager::new(
+        CaConfig {
+            trust_domain: cfg.trust_domain.clone(),
+            ca_ttl: cfg.ca_ttl,
+            ca_key_type: cfg.ca_key_type,
+            jwt_key_type: cfg.jwt_key_type,
+            ca_organization: s.ca_subject.organization.clone(),
+            ca_country: s.ca_subject.country.clone(),
+            ca_common_name: (!s.ca_subject.common_name.is_empty())
+                .then(|| s.ca_subject.common_name.clone()),
+            jwt_issuer: (!s.jwt_issuer.is_empty()).then(|| s.jwt_issuer.clone()),
+        },
+        state.clone(),
+        keys,
+        upstream,
+        clock.clone(),
+    ));
+    if cl.bootstrap {
+        ca.init().await.context("initialising the CA")?;
+    }
+    let core = Arc::new(ServerCore {
+        cfg: cfg.clone(),
+        state: state.clone(),
+        ca: ca.clone(),
+        clock,
+        x509pop,
+    });
+
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+
+    // CA rotation; also finishes CA set-up on a node that joined an existing cluster.
+    {
+        let ca = ca.clone();
+        let mut stop_rx = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let r = if ca.is_ready() {
+                    ca.rotate().await
+                } else {
+                    ca.init().await
+                };
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "CA rotation step failed; will retry");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(ROTATE_EVERY) => {}
+                    _ = stop_rx.changed() => return,
+                }
+            }
+        }));
+    }
+    // Expired join tokens.
+    {
+        let state = state.clone();
+        let mut stop_rx = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(PRUNE_EVERY) => {}
+                    _ = stop_rx.changed() => return,
+                }
+                if let Err(e) = state.propose(Command::JoinTokenPrune).await {
+                    tracing::debug!(error = %e, "join token prune skipped");
+                }
+            }
+        }));
+    }
+
+    // The admin socket: local administrators.
+    let sock = s.socket_path.clone();
+    if let Some(dir) = sock.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if sock.exists() {
+        std::fs::remove_file(&sock)
+            .with_context(|| format!("removing stale {}", sock.display()))?;
+    }
+    let listener =
+        UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o770))?;
+    let router = Services::new(core.clone()).router();
+    {
+        let mut stop_rx = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = router
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+                    let _ = stop_rx.changed().await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "admin socket server failed");
+            }
+        }));
+    }
+
+    if cfg.file.health_checks.listener_enabled {
+        let h = &cfg.file.health_checks;
+        let addr = format!("{}:{}", h.bind_address, h.bind_port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("binding health checks on {addr}"))?;
+        tasks.push(tokio::spawn(crate::health::serve(
+            listener,
+            core.clone(),
+            h.live_path.clone(),
+            h.ready_path.clone(),
+            stop_rx.clone(),
+        )));
+    }
+
+    tracing::info!(
+        trust_domain = %cfg.trust_domain,
+        admin_socket = %sock.display(),
+        node_id = cl.node_id,
+        "plinth server ready"
+    );
+    Ok(RunningServer {
+        core,
+        admin_socket: sock,
+        stop,
+        tasks,
+    })
+}
