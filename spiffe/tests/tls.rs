@@ -821,3 +821,93 @@ fn t81_authorizer_forms() {
         "Predicate(..)"
     );
 }
+
+/// Runs `openssl s_client` against a server built by `server_config` on loopback TCP; returns
+/// what the server saw and openssl's output.
+async fn openssl_client(
+    server: Arc<ServerConfig>,
+    args: Vec<String>,
+) -> (io::Result<ServerSide>, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = TlsAcceptor::from(server);
+    let server_task = async move {
+        let (tcp, _) = listener.accept().await?;
+        let mut tls = acceptor.accept(tcp).await?;
+        let (_, conn) = tls.get_ref();
+        let side = ServerSide {
+            peer: peer_spiffe_id(conn),
+            alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
+            kind: conn.handshake_kind(),
+        };
+        // openssl may already have closed (its stdin is empty); the handshake is what counts.
+        let _ = tls.write_all(b"hello\n").await;
+        Ok(side)
+    };
+    let client_task = tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new("openssl")
+            .arg("s_client")
+            .arg("-connect")
+            .arg(addr.to_string())
+            .args(["-tls1_3", "-alpn", "h2", "-verify_return_error"])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl must be installed (see README)");
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        text
+    });
+    let (server, client) = tokio::join!(server_task, client_task);
+    (server, client.unwrap())
+}
+
+#[tokio::test]
+async fn t90_openssl_s_client_against_the_server_config() {
+    let p = pair();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::write(
+        dir.path(),
+        "ca.pem",
+        plinth_spiffe::pem::encode_certs(&[p.ca.cert_der().to_vec()]),
+    );
+    let k = key(KeyType::EcP256);
+    let svid = svid_at(&p.ca, AGENT_ID, k.as_ref(), now(), HOUR);
+    let chain = common::write(dir.path(), "svid.pem", svid.chain_pem());
+    let key_file = common::write(dir.path(), "svid.key", k.to_pkcs8_pem());
+    let server = server_cfg(
+        p.server_svid.clone(),
+        p.bundles.clone(),
+        Authorizer::member_of(td("a.test")),
+        ClientAuth::Required,
+    );
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+
+    // openssl checks our server's SVID chain with its own X.509 rules, and presents a client SVID.
+    let (seen, text) = openssl_client(
+        server.clone(),
+        vec![
+            "-CAfile".into(),
+            path(&ca),
+            "-cert".into(),
+            path(&chain),
+            "-key".into(),
+            path(&key_file),
+        ],
+    )
+    .await;
+    let seen = seen.unwrap_or_else(|e| panic!("server: {e}; openssl said:\n{text}"));
+    assert_eq!(seen.peer.unwrap(), id(AGENT_ID));
+    assert_eq!(seen.alpn.as_deref(), Some(ALPN_H2));
+    assert!(text.contains("Verify return code: 0 (ok)"), "{text}");
+    assert!(text.contains("ALPN protocol: h2"), "{text}");
+
+    // Without a certificate the server refuses it.
+    let (seen, text) = openssl_client(server, vec!["-CAfile".into(), path(&ca)]).await;
+    let err = seen.expect_err("a client without a certificate must be refused");
+    assert_eq!(
+        tls_error(&err),
+        &rustls::Error::NoCertificatesPresented,
+        "{text}"
+    );
+}
