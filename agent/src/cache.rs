@@ -346,3 +346,207 @@ impl IdentityCache {
             .unwrap_or(false)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::Duration;
+
+    use plinth_spiffe::{CaTemplate, KeyType, SvidRequest, X509Authority};
+    use time::OffsetDateTime;
+
+    use super::*;
+
+    fn now() -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(1_900_000_000).unwrap()
+    }
+
+    fn make_ca(td: &str) -> (X509Authority, Bundle) {
+        let td = TrustDomain::new(td).unwrap();
+        let key = Arc::new(PrivateKey::generate(KeyType::EcP256).unwrap());
+        let tmpl = CaTemplate::new(td.clone(), now(), Duration::from_secs(3600));
+        let der = plinth_spiffe::x509::self_signed_ca(&tmpl, key.clone()).unwrap();
+        let mut bundle = Bundle::new(td);
+        bundle.add_x509_authority(der.clone()).unwrap();
+        (X509Authority::new(der, vec![], key).unwrap(), bundle)
+    }
+
+    fn identity(ca: &X509Authority, entry_id: &str, id: &str, selectors: &[&str]) -> Identity {
+        let spiffe_id = SpiffeId::new(id).unwrap();
+        let key = Arc::new(PrivateKey::generate(KeyType::EcP256).unwrap());
+        let svid = ca
+            .sign_svid(
+                &SvidRequest {
+                    spiffe_id: &spiffe_id,
+                    public_key_spki: key.public_key_spki(),
+                    ttl: Duration::from_secs(600),
+                    dns_names: &[],
+                },
+                now(),
+            )
+            .unwrap();
+        Identity {
+            entry: Entry {
+                id: entry_id.into(),
+                spiffe_id,
+                selectors: Selectors::parse_all(selectors).unwrap(),
+                federates_with: vec![],
+                hint: String::new(),
+            },
+            svid,
+            private_key: key,
+        }
+    }
+
+    #[test]
+    fn refuses_inconsistent_identities_and_leaves_the_state_unchanged() {
+        let (ca, bundle) = make_ca("example.org");
+        let cache = IdentityCache::new(bundle);
+        let good = identity(&ca, "e1", "spiffe://example.org/a", &["unix:uid:1"]);
+
+        let mut wrong_id = good.clone();
+        wrong_id.entry.spiffe_id = SpiffeId::new("spiffe://example.org/b").unwrap();
+        assert!(matches!(
+            cache.put_identity(wrong_id),
+            Err(CacheError::SvidIdMismatch { .. })
+        ));
+        let mut wrong_key = good.clone();
+        wrong_key.private_key = Arc::new(PrivateKey::generate(KeyType::EcP256).unwrap());
+        assert!(matches!(
+            cache.put_identity(wrong_key),
+            Err(CacheError::KeyMismatch { .. })
+        ));
+        let (other_ca, _) = make_ca("other.org");
+        let foreign = identity(&other_ca, "e2", "spiffe://other.org/a", &["unix:uid:1"]);
+        assert!(matches!(
+            cache.put_identity(foreign),
+            Err(CacheError::ForeignId { .. })
+        ));
+        let mut no_id = good.clone();
+        no_id.entry.id = String::new();
+        assert_eq!(cache.put_identity(no_id), Err(CacheError::EmptyEntryId));
+        assert_eq!(cache.state().revision(), 0, "nothing was published");
+
+        cache.put_identity(good).unwrap();
+        assert_eq!(cache.state().revision(), 1);
+    }
+
+    #[test]
+    fn matching_follows_selectors_and_hint_uniqueness() {
+        let (ca, bundle) = make_ca("example.org");
+        let cache = IdentityCache::new(bundle);
+        cache
+            .put_identity(identity(
+                &ca,
+                "b",
+                "spiffe://example.org/b",
+                &["unix:uid:1"],
+            ))
+            .unwrap();
+        cache
+            .put_identity(identity(
+                &ca,
+                "a",
+                "spiffe://example.org/a",
+                &["unix:uid:1", "unix:gid:2"],
+            ))
+            .unwrap();
+        let caller = Selectors::parse_all(&["unix:uid:1", "unix:gid:2", "unix:gid:3"]).unwrap();
+        let state = cache.state();
+        let ids: Vec<&str> = state
+            .matching(&caller)
+            .iter()
+            .map(|i| i.entry.id.as_str())
+            .collect();
+        assert_eq!(ids, ["a", "b"]);
+        let only_uid = Selectors::parse_all(&["unix:uid:1"]).unwrap();
+        assert_eq!(state.matching(&only_uid).len(), 1);
+
+        // Same hint: the entry that sorts first wins.
+        for id in ["a", "b"] {
+            let mut e = state.identity(id).unwrap().entry.clone();
+            e.hint = "h".into();
+            cache.update_entry(e).unwrap();
+        }
+        let state = cache.state();
+        let ids: Vec<&str> = state
+            .matching(&caller)
+            .iter()
+            .map(|i| i.entry.id.as_str())
+            .collect();
+        assert_eq!(ids, ["a"]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_published_once_and_a_failed_batch_not_at_all() {
+        let (ca, bundle) = make_ca("example.org");
+        let (_, partner) = make_ca("partner.org");
+        let cache = IdentityCache::new(bundle);
+        let mut rx = cache.subscribe();
+        rx.borrow_and_update();
+        let (a, b) = (
+            identity(&ca, "a", "spiffe://example.org/a", &["unix:uid:1"]),
+            identity(&ca, "b", "spiffe://example.org/b", &["unix:uid:1"]),
+        );
+        cache
+            .modify(|s| {
+                s.put_identity(a)?;
+                s.put_identity(b)?;
+                s.set_federated_bundle(partner.clone())
+            })
+            .unwrap();
+        assert!(rx.has_changed().unwrap());
+        let seen = rx.borrow_and_update().clone();
+        assert_eq!(seen.identities().count(), 2);
+        assert_eq!(seen.federated_bundles().len(), 1);
+        assert_eq!(seen.revision(), 1, "one batch, one revision");
+
+        let err = cache.modify(|s| {
+            s.remove_entry("a");
+            s.set_bundle(partner.clone())
+        });
+        assert!(matches!(err, Err(CacheError::WrongTrustDomain { .. })));
+        assert!(
+            !rx.has_changed().unwrap(),
+            "a failed batch publishes nothing"
+        );
+        assert!(cache.state().identity("a").is_some());
+
+        // No-op changes publish nothing either.
+        assert!(!cache.remove_entry("nope"));
+        cache.set_federated_bundle(partner.clone()).unwrap();
+        assert!(!rx.has_changed().unwrap());
+
+        assert!(cache.remove_federated_bundle(partner.trust_domain()));
+        assert!(rx.has_changed().unwrap());
+        assert!(cache.state().federated_bundles().is_empty());
+        assert!(matches!(
+            cache.set_federated_bundle(cache.state().bundle().clone()),
+            Err(CacheError::OwnTrustDomain(_))
+        ));
+    }
+
+    #[test]
+    fn update_entry_keeps_the_svid_and_refuses_a_new_spiffe_id() {
+        let (ca, bundle) = make_ca("example.org");
+        let cache = IdentityCache::new(bundle);
+        let a = identity(&ca, "a", "spiffe://example.org/a", &["unix:uid:1"]);
+        cache.put_identity(a.clone()).unwrap();
+        let mut e = a.entry.clone();
+        e.selectors = Selectors::parse_all(&["unix:uid:2"]).unwrap();
+        cache.update_entry(e.clone()).unwrap();
+        let state = cache.state();
+        let got = state.identity("a").unwrap();
+        assert_eq!(got.entry.selectors, e.selectors);
+        assert_eq!(got.svid, a.svid);
+        e.spiffe_id = SpiffeId::new("spiffe://example.org/other").unwrap();
+        assert!(cache.update_entry(e).is_err());
+        let mut missing = a.entry.clone();
+        missing.id = "zz".into();
+        assert_eq!(
+            cache.update_entry(missing),
+            Err(CacheError::NoSuchEntry("zz".into()))
+        );
+    }
+}
