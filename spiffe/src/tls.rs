@@ -15,6 +15,10 @@
 //! a full chain check.
 //!
 //! No IO here: plug the configs into tokio-rustls (or any rustls transport) in the caller.
+//! `tests/tls_tonic.rs` shows the tonic wiring: a server stream type implementing tonic's
+//! `Connected` with [`peer_spiffe_id`] as its connect info (so handlers find the caller's ID in
+//! the request extensions), and a client `Endpoint::connect_with_connector` that dials TCP and
+//! runs the handshake with a [`client_config`].
 
 use std::fmt;
 use std::sync::{Arc, PoisonError, RwLock};
