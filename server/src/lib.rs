@@ -15,3 +15,4 @@ pub mod config;
 pub mod health;
 pub mod run;
 pub mod state;
+pub mod tls;

@@ -31,6 +31,10 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 pub struct RunningServer {
     pub core: Arc<ServerCore<RaftState>>,
     pub admin_socket: std::path::PathBuf,
+    /// Where the TLS API listens (agents, remote admins).
+    pub tcp_addr: std::net::SocketAddr,
+    /// The server's TLS identity and trust bundle.
+    pub tls: Arc<crate::tls::TlsIdentity>,
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -247,6 +251,48 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningServer> {
         }));
     }
 
+    // The TLS API: agents and remote admins.
+    let tcp = tokio::net::TcpListener::bind(cfg.bind)
+        .await
+        .with_context(|| format!("binding {}", cfg.bind))?;
+    let tcp_addr = tcp.local_addr()?;
+    let identity = Arc::new(crate::tls::TlsIdentity::new());
+    identity.refresh_bundle(&core);
+    if ca.is_ready() {
+        identity
+            .rotate_svid(&core)
+            .map_err(|e| anyhow::anyhow!("issuing the server SVID: {e}"))?;
+    }
+    tasks.push(tokio::spawn(crate::tls::maintain(
+        core.clone(),
+        identity.clone(),
+        stop_rx.clone(),
+    )));
+    let conns = crate::tls::incoming(
+        tcp,
+        identity.clone(),
+        cfg.trust_domain.clone(),
+        stop_rx.clone(),
+    )
+    .map_err(|e| anyhow::anyhow!("TLS configuration: {e}"))?;
+    {
+        let router = Services::new(core.clone()).router();
+        let mut stop_rx = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = router
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::ReceiverStream::new(conns),
+                    async move {
+                        let _ = stop_rx.changed().await;
+                    },
+                )
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "TLS API server failed");
+            }
+        }));
+    }
+
     if cfg.file.health_checks.listener_enabled {
         let h = &cfg.file.health_checks;
         let addr = format!("{}:{}", h.bind_address, h.bind_port);
@@ -265,12 +311,15 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningServer> {
     tracing::info!(
         trust_domain = %cfg.trust_domain,
         admin_socket = %sock.display(),
+        api = %tcp_addr,
         node_id = cl.node_id,
         "plinth server ready"
     );
     Ok(RunningServer {
         core,
         admin_socket: sock,
+        tcp_addr,
+        tls: identity,
         stop,
         tasks,
     })

@@ -451,3 +451,198 @@ async fn t25_non_admins_are_refused() {
     assert_eq!(e.code(), Code::PermissionDenied);
     tokio::time::sleep(Duration::from_millis(1)).await;
 }
+
+/// A tonic channel to the server's TLS API, presenting `svid` if given.
+async fn tls_channel(
+    addr: std::net::SocketAddr,
+    bundle: plinth_spiffe::Bundle,
+    svid: Option<(plinth_spiffe::X509Svid, Arc<PrivateKey>)>,
+    expect_server: SpiffeId,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    use plinth_spiffe::tls::{client_config, Authorizer, BundleHolder, SvidHolder, SvidSource};
+    let mut set = plinth_spiffe::BundleSet::new();
+    set.insert(bundle);
+    let bundles = Arc::new(BundleHolder::new(set));
+    let source: Option<Arc<dyn SvidSource>> =
+        svid.map(|(s, k)| Arc::new(SvidHolder::new(&s, k).unwrap()) as Arc<dyn SvidSource>);
+    let cfg = Arc::new(client_config(source, bundles, Authorizer::exact(expect_server)).unwrap());
+    tonic::transport::Endpoint::try_from("http://plinth-server")?
+        .connect_with_connector(tower::service_fn(move |_| {
+            let cfg = cfg.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                let name = rustls::pki_types::ServerName::try_from("plinth-server").unwrap();
+                let tls = tokio_rustls::TlsConnector::from(cfg)
+                    .connect(name, tcp)
+                    .await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await
+}
+
+fn to_svid(p: &pb::X509Svid) -> plinth_spiffe::X509Svid {
+    plinth_spiffe::X509Svid {
+        spiffe_id: SpiffeId::new(&p.spiffe_id).unwrap(),
+        chain: p.cert_chain.clone(),
+        not_after: time::OffsetDateTime::from_unix_timestamp(p.expires_at).unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn t40_agents_over_mtls() {
+    use plinth_api::server::svid_service_client::SvidServiceClient;
+    let h = harness().await;
+    let admin = admin_channel(&h).await;
+    let td = h.server.core.cfg.trust_domain.clone();
+    let bundle = h
+        .server
+        .core
+        .state
+        .store()
+        .get_bundle(&td)
+        .unwrap()
+        .unwrap()
+        .to_bundle()
+        .unwrap();
+    let server_id = plinth_server::tls::server_spiffe_id(&td);
+    let addr = h.server.tcp_addr;
+
+    // Attestation without a client certificate.
+    let anon = tls_channel(addr, bundle.clone(), None, server_id.clone())
+        .await
+        .unwrap();
+    let t = token(&admin).await;
+    let (agent, key) = attest(&anon, &t).await.unwrap();
+    // Anonymous callers get no admin rights over TLS.
+    let e = EntryServiceClient::new(anon.clone())
+        .count_entries(pb::CountEntriesRequest { filter: None })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+
+    let api_entry = create(
+        &admin,
+        entry(
+            "spiffe://example.org/api",
+            &agent.spiffe_id,
+            ("unix", "uid:7"),
+        ),
+    )
+    .await
+    .unwrap();
+    let authed = tls_channel(
+        addr,
+        bundle.clone(),
+        Some((to_svid(&agent), key)),
+        server_id.clone(),
+    )
+    .await
+    .unwrap();
+    let wk = Arc::new(PrivateKey::generate(KeyType::EcP256).unwrap());
+    let r = SvidServiceClient::new(authed.clone())
+        .batch_new_x509_svid(pb::BatchNewX509SvidRequest {
+            params: vec![pb::NewX509SvidParams {
+                entry_id: api_entry.id.clone(),
+                csr: Csr::create(wk).unwrap(),
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.results[0].svid.as_ref().unwrap().spiffe_id,
+        "spiffe://example.org/api"
+    );
+
+    // The sync stream pushes the full set, then a new entry as it is committed.
+    let mut stream =
+        plinth_api::server::entry_service_client::EntryServiceClient::new(authed.clone())
+            .sync_authorized_entries(pb::SyncAuthorizedEntriesRequest { from_revision: 0 })
+            .await
+            .unwrap()
+            .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(first.full);
+    assert_eq!(first.upserted.len(), 1);
+    assert!(first.bundle.is_some());
+    let e2 = create(
+        &admin,
+        entry(
+            "spiffe://example.org/api2",
+            &agent.spiffe_id,
+            ("unix", "uid:8"),
+        ),
+    )
+    .await
+    .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(!next.full);
+    assert_eq!(next.upserted.len(), 1);
+    assert_eq!(next.upserted[0].id, e2.id);
+    EntryServiceClient::new(admin.clone())
+        .batch_delete_entry(pb::BatchDeleteEntryRequest {
+            ids: vec![e2.id.clone()],
+        })
+        .await
+        .unwrap();
+    let del = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(del.deleted_ids, vec![e2.id]);
+
+    // A client SVID from another trust domain fails the handshake.
+    let other_key = Arc::new(PrivateKey::generate(KeyType::EcP256).unwrap());
+    let other_td = plinth_spiffe::TrustDomain::new("evil.org").unwrap();
+    let other_ca_der = plinth_spiffe::x509::self_signed_ca(
+        &plinth_spiffe::CaTemplate::new(
+            other_td,
+            time::OffsetDateTime::now_utc(),
+            Duration::from_secs(3600),
+        ),
+        other_key.clone(),
+    )
+    .unwrap();
+    let other_ca = plinth_spiffe::X509Authority::new(other_ca_der, vec![], other_key).unwrap();
+    let lk = Arc::new(PrivateKey::generate(KeyType::EcP256).unwrap());
+    let evil = other_ca
+        .sign_svid(
+            &plinth_spiffe::SvidRequest {
+                spiffe_id: &SpiffeId::new("spiffe://evil.org/agent").unwrap(),
+                public_key_spki: plinth_spiffe::Signer::public_key_spki(lk.as_ref()),
+                ttl: Duration::from_secs(600),
+                dns_names: &[],
+            },
+            time::OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+    let evil_ch = tls_channel(addr, bundle.clone(), Some((evil, lk)), server_id.clone()).await;
+    let refused = match evil_ch {
+        Err(_) => true,
+        Ok(ch) => SvidServiceClient::new(ch)
+            .batch_new_x509_svid(pb::BatchNewX509SvidRequest { params: vec![] })
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a foreign SVID must not get through");
+
+    // The agent refuses a server that is not the expected one.
+    let wrong = tls_channel(
+        addr,
+        bundle,
+        None,
+        SpiffeId::new("spiffe://example.org/not-server").unwrap(),
+    )
+    .await;
+    let wrong_refused = match wrong {
+        Err(_) => true,
+        Ok(ch) => attest(&ch, &token(&admin).await).await.is_err(),
+    };
+    assert!(wrong_refused);
+}

@@ -59,6 +59,12 @@ impl<S: Replicated> ServerCore<S> {
         if let Some(p) = req.extensions().get::<PeerSvid>() {
             return Caller::Peer(p.clone());
         }
+        if let Some(crate::tls::TlsPeer(p)) = req.extensions().get::<crate::tls::TlsPeer>() {
+            return match p {
+                Some(p) => Caller::Peer(p.clone()),
+                None => Caller::Anonymous,
+            };
+        }
         if req
             .extensions()
             .get::<tonic::transport::server::UdsConnectInfo>()
