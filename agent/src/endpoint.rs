@@ -28,6 +28,9 @@ pub const SOCKET_DIR_MODE: u32 = 0o755;
 /// Mode of the socket: every local process may connect.
 pub const SOCKET_MODE: u32 = 0o777;
 
+/// Concurrent HTTP/2 streams one connection may open (each open FetchX509SVID is one).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+
 /// Why the endpoint could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -208,6 +211,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), EndpointError> {
     Server::builder()
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .add_service(api.into_service())
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await?;
