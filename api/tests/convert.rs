@@ -95,7 +95,10 @@ fn bundle_maps_convert_and_keys_must_be_trust_domain_ids() {
     map.insert("spiffe://example.org".to_string(), ca_der.clone());
     let set = x509_bundles(&map).unwrap();
     let td = TrustDomain::new("example.org").unwrap();
-    assert_eq!(set.get(&td).unwrap().x509_authorities(), &[ca_der.clone()]);
+    assert_eq!(
+        set.get(&td).unwrap().x509_authorities(),
+        std::slice::from_ref(&ca_der)
+    );
     map.insert("spiffe://other.org/x".to_string(), ca_der);
     assert!(x509_bundles(&map).is_err());
 
