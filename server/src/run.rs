@@ -200,8 +200,14 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningServer> {
                 if let Err(e) = r {
                     tracing::warn!(error = %e, "CA rotation step failed; will retry");
                 }
+                // Until the CA is up (a joining node waits for membership), retry quickly.
+                let pause = if ca.is_ready() {
+                    ROTATE_EVERY
+                } else {
+                    Duration::from_millis(500)
+                };
                 tokio::select! {
-                    _ = tokio::time::sleep(ROTATE_EVERY) => {}
+                    _ = tokio::time::sleep(pause) => {}
                     _ = stop_rx.changed() => return,
                 }
             }
