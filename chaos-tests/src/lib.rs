@@ -3,3 +3,5 @@
 //!
 //! Must not depend on: plinth-server, plinth-raft, plinth-storage (it drives the cluster over the
 //! wire, as a user would).
+
+pub mod linearizability;
