@@ -228,10 +228,35 @@ impl<S: Replicated> Services<S> {
         Self { core }
     }
 
-    /// A tonic router with every service.
+    /// A tonic router with every service, plus the standard gRPC health service (`""` is
+    /// SERVING while this server has a leader and an active CA). Must be called within a Tokio
+    /// runtime: a task keeps the health status current until the router is dropped.
     pub fn router(&self) -> tonic::transport::server::Router {
         let c = &self.core;
+        let (reporter, health) = tonic_health::server::health_reporter();
+        let watched = Arc::downgrade(c);
+        tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                let Some(core) = watched.upgrade() else {
+                    return;
+                };
+                let ready = crate::health::is_ready(&core).await;
+                drop(core);
+                if last != Some(ready) {
+                    let status = if ready {
+                        tonic_health::ServingStatus::Serving
+                    } else {
+                        tonic_health::ServingStatus::NotServing
+                    };
+                    reporter.set_service_status("", status).await;
+                    last = Some(ready);
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        });
         tonic::transport::Server::builder()
+            .add_service(health)
             .add_service(pb::entry_service_server::EntryServiceServer::new(
                 entry::EntryApi(c.clone()),
             ))
