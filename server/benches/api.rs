@@ -326,7 +326,7 @@ fn main() {
         }
         let (ch2, agent_id) = agent_channel(&s1, &s2).await;
         let mut stream = EntryServiceClient::new(ch2)
-            .sync_authorized_entries(pb::SyncAuthorizedEntriesRequest { from_revision: 0 })
+            .sync_authorized_entries(pb::SyncAuthorizedEntriesRequest::default())
             .await
             .unwrap()
             .into_inner();

@@ -363,7 +363,7 @@ async fn t22_attack3_banned_and_stale_agents_are_refused() {
     let sync = services
         .entry()
         .sync_authorized_entries(as_peer(
-            pb::SyncAuthorizedEntriesRequest { from_revision: 0 },
+            pb::SyncAuthorizedEntriesRequest::default(),
             &renewed,
         ))
         .await;
@@ -558,7 +558,7 @@ async fn t40_agents_over_mtls() {
     // The sync stream pushes the full set, then a new entry as it is committed.
     let mut stream =
         plinth_api::server::entry_service_client::EntryServiceClient::new(authed.clone())
-            .sync_authorized_entries(pb::SyncAuthorizedEntriesRequest { from_revision: 0 })
+            .sync_authorized_entries(pb::SyncAuthorizedEntriesRequest::default())
             .await
             .unwrap()
             .into_inner();
@@ -645,4 +645,102 @@ async fn t40_agents_over_mtls() {
         Ok(ch) => attest(&ch, &token(&admin).await).await.is_err(),
     };
     assert!(wrong_refused);
+}
+
+#[tokio::test]
+async fn t41_sync_resumes_from_what_the_agent_holds() {
+    use futures::StreamExt;
+    let h = harness().await;
+    let ch = admin_channel(&h).await;
+    let (a, _) = attest(&ch, &token(&ch).await).await.unwrap();
+    let kept = create(
+        &ch,
+        entry("spiffe://example.org/kept", &a.spiffe_id, ("unix", "uid:1")),
+    )
+    .await
+    .unwrap();
+    let changed = create(
+        &ch,
+        entry(
+            "spiffe://example.org/changed",
+            &a.spiffe_id,
+            ("unix", "uid:2"),
+        ),
+    )
+    .await
+    .unwrap();
+    let gone = create(
+        &ch,
+        entry("spiffe://example.org/gone", &a.spiffe_id, ("unix", "uid:3")),
+    )
+    .await
+    .unwrap();
+    let services = Services::new(h.server.core.clone());
+    // The agent held these three at their current revisions, then disconnected.
+    let known: Vec<pb::EntryRevision> = [&kept, &changed, &gone]
+        .iter()
+        .map(|e| pb::EntryRevision {
+            id: e.id.clone(),
+            revision: e.revision,
+        })
+        .collect();
+    // While it was away: one changed, one deleted, one added.
+    let mut upd = changed.clone();
+    upd.selectors[0].value = "uid:22".into();
+    EntryServiceClient::new(ch.clone())
+        .batch_update_entry(pb::BatchUpdateEntryRequest { entries: vec![upd] })
+        .await
+        .unwrap();
+    EntryServiceClient::new(ch.clone())
+        .batch_delete_entry(pb::BatchDeleteEntryRequest {
+            ids: vec![gone.id.clone()],
+        })
+        .await
+        .unwrap();
+    let added = create(
+        &ch,
+        entry(
+            "spiffe://example.org/added",
+            &a.spiffe_id,
+            ("unix", "uid:4"),
+        ),
+    )
+    .await
+    .unwrap();
+    let mut stream = services
+        .entry()
+        .sync_authorized_entries(as_peer(
+            pb::SyncAuthorizedEntriesRequest {
+                from_revision: gone.revision,
+                known,
+            },
+            &a,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stream = Box::pin(stream);
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(
+        !first.full,
+        "a resuming agent gets the difference, not a full set"
+    );
+    let mut up: Vec<String> = first.upserted.iter().map(|e| e.id.clone()).collect();
+    up.sort();
+    let mut want = vec![changed.id.clone(), added.id.clone()];
+    want.sort();
+    assert_eq!(up, want);
+    assert_eq!(first.deleted_ids, vec![gone.id]);
+    assert!(first.bundle.is_some());
+    // A fresh agent (nothing known) gets the full set.
+    let mut stream = services
+        .entry()
+        .sync_authorized_entries(as_peer(pb::SyncAuthorizedEntriesRequest::default(), &a))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stream = Box::pin(stream);
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(first.full);
+    assert_eq!(first.upserted.len(), 3);
 }

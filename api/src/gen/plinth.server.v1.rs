@@ -294,12 +294,25 @@ pub mod batch_delete_entry_response {
     }
 }
 #[allow(clippy::all)]
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct EntryRevision {
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "2")]
+    pub revision: u64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct SyncAuthorizedEntriesRequest {
-    /// 0 asks for the full set first; otherwise changes after this revision (a full set is sent
-    /// anyway if the server can no longer produce the difference).
+    /// The revision the agent last applied (informational; 0 when it holds nothing).
     #[prost(uint64, tag = "1")]
     pub from_revision: u64,
+    /// The entries the agent already holds, with their revisions. When given, the first response
+    /// is not a full set but the difference: entries that are new or changed, and IDs the agent
+    /// holds that are no longer authorized. An agent reconnecting after a server restart or
+    /// failover thus resumes without a full resync.
+    #[prost(message, repeated, tag = "2")]
+    pub known: ::prost::alloc::vec::Vec<EntryRevision>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]

@@ -20,6 +20,8 @@ use crate::state::Replicated;
 
 /// Largest page a list returns.
 const MAX_PAGE: usize = 1000;
+/// Most entries an agent may report as already held when it resumes a sync.
+const MAX_KNOWN: usize = 1_000_000;
 
 #[derive(Debug)]
 pub(super) struct EntryApi<S>(pub(super) Arc<ServerCore<S>>);
@@ -259,20 +261,31 @@ impl<S: Replicated> EntryService for EntryApi<S> {
         req: Request<pb::SyncAuthorizedEntriesRequest>,
     ) -> Result<Response<SyncStream>, Status> {
         let agent = self.0.require_agent(&req).await?;
+        if req.get_ref().known.len() > MAX_KNOWN {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_KNOWN} known entries may be sent"
+            )));
+        }
+        let known: BTreeMap<String, u64> = req
+            .get_ref()
+            .known
+            .iter()
+            .map(|k| (k.id.clone(), k.revision))
+            .collect();
         let core = self.0.clone();
         // Subscribe before reading the full set, so that no change falls between the two.
         let changes = core.state.subscribe();
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(sync_loop(core, agent.spiffe_id, changes, tx));
+        tokio::spawn(sync_loop(core, agent.spiffe_id, known, changes, tx));
         Ok(Response::new(
             Box::pin(ReceiverStream::new(rx)) as SyncStream
         ))
     }
 }
 
-/// What one agent currently holds.
+/// What one agent currently holds: entry IDs and their revisions.
 struct AgentView {
-    entries: BTreeMap<String, RegistrationEntry>,
+    entries: BTreeMap<String, u64>,
     bundle_seq: Option<u64>,
     federated: BTreeMap<String, u64>,
 }
@@ -325,15 +338,18 @@ fn compute<S: Replicated>(core: &ServerCore<S>, agent_id: &SpiffeId) -> Result<A
 async fn sync_loop<S: Replicated>(
     core: Arc<ServerCore<S>>,
     agent_id: SpiffeId,
+    known: BTreeMap<String, u64>,
     mut changes: broadcast::Receiver<plinth_storage::ChangeEvent>,
     tx: mpsc::Sender<Result<pb::SyncAuthorizedEntriesResponse, Status>>,
 ) {
+    // An agent that says what it holds gets the difference; otherwise a full set.
+    let mut full = known.is_empty();
     let mut view = AgentView {
-        entries: BTreeMap::new(),
+        entries: known,
         bundle_seq: None,
         federated: BTreeMap::new(),
     };
-    let mut full = true;
+    let mut first = true;
     loop {
         let revision = core.state.store().revision().unwrap_or(0);
         let msg = match compute(&core, &agent_id) {
@@ -347,11 +363,7 @@ async fn sync_loop<S: Replicated>(
                     m.upserted = entries.values().map(entry_to_proto).collect();
                 } else {
                     for (id, e) in &entries {
-                        if view
-                            .entries
-                            .get(id)
-                            .is_none_or(|old| old.revision != e.revision)
-                        {
+                        if view.entries.get(id).is_none_or(|rev| *rev != e.revision) {
                             m.upserted.push(entry_to_proto(e));
                         }
                     }
@@ -373,11 +385,16 @@ async fn sync_loop<S: Replicated>(
                     m.federated_bundles = federated;
                 }
                 view = AgentView {
-                    entries,
+                    entries: entries
+                        .iter()
+                        .map(|(id, e)| (id.clone(), e.revision))
+                        .collect(),
                     bundle_seq: seq,
                     federated: fed_now,
                 };
-                let changed = full
+                // The first message always goes out, so the agent knows it is in sync.
+                let changed = first
+                    || full
                     || !m.upserted.is_empty()
                     || !m.deleted_ids.is_empty()
                     || m.bundle.is_some()
@@ -395,6 +412,7 @@ async fn sync_loop<S: Replicated>(
             }
         }
         full = false;
+        first = false;
         // Wait for a change that can matter to this agent; drain bursts before recomputing.
         let mut relevant = false;
         while !relevant {
