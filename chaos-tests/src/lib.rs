@@ -4,4 +4,29 @@
 //! Must not depend on: plinth-server, plinth-raft, plinth-storage (it drives the cluster over the
 //! wire, as a user would).
 
+pub mod cluster;
+pub mod faults;
+pub mod history;
 pub mod linearizability;
+pub mod report;
+pub mod scenario;
+pub mod workload;
+
+/// Finds the `plinth-server` binary: `$PLINTH_SERVER_BIN`, else next to the running executable
+/// (the cargo target dir, where test binaries live one level further down in `deps/`).
+pub fn find_server_bin() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("PLINTH_SERVER_BIN") {
+        return Some(p.into());
+    }
+    let exe = std::env::current_exe().ok()?;
+    let mut dir = exe.parent();
+    for _ in 0..3 {
+        let d = dir?;
+        let cand = d.join("plinth-server");
+        if cand.is_file() {
+            return Some(cand);
+        }
+        dir = d.parent();
+    }
+    None
+}

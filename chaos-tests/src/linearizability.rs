@@ -427,10 +427,7 @@ mod tests {
 
     #[test]
     fn lost_acknowledged_create_is_not_linearizable() {
-        let h = vec![
-            op(c("a"), O::Ok, 0, 1),
-            op(I::Read, O::Value(None), 2, 3),
-        ];
+        let h = vec![op(c("a"), O::Ok, 0, 1), op(I::Read, O::Value(None), 2, 3)];
         assert_eq!(verdict(&h), Verdict::NotLinearizable);
     }
 

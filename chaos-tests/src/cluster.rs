@@ -1,0 +1,450 @@
+//! A plinth cluster as local `plinth-server` processes, one loopback address per node
+//! (`127.a.b.<node>`, a random `a.b` per run so that concurrent runs do not collide).
+//!
+//! Fault primitives are signals: SIGKILL (crash), SIGSTOP/SIGCONT (a node that neither answers
+//! nor acts: for processes this is the stand-in for partitioning a whole node away; a real
+//! network partition needs network namespaces or the `--docker` mode). Every process is killed
+//! and reaped when the cluster is dropped, also on panic.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use plinth_api::server as pb;
+use plinth_api::server::cluster_service_client::ClusterServiceClient;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint};
+
+/// The trust domain every chaos cluster serves.
+pub const TRUST_DOMAIN: &str = "chaos.test";
+
+/// Why a cluster operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClusterError {
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("node {0} is not part of this cluster")]
+    UnknownNode(u64),
+    #[error("signal: {0}")]
+    Signal(#[from] nix::Error),
+    #[error("admin API: {0}")]
+    Api(String),
+    #[error("timed out: {0}")]
+    Timeout(String),
+}
+
+/// Cluster timing (Raft) and limits.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// The `plinth-server` binary.
+    pub server_bin: PathBuf,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    /// How long to wait for a node to come up or a membership change to finish.
+    pub start_timeout: Duration,
+}
+
+impl ClusterConfig {
+    pub fn new(server_bin: PathBuf) -> Self {
+        Self {
+            server_bin,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 1000,
+            heartbeat_interval_ms: 100,
+            start_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Where a node lives and whether it runs.
+#[derive(Debug)]
+pub struct Node {
+    pub id: u64,
+    pub raft_addr: String,
+    pub admin_socket: PathBuf,
+    config_path: PathBuf,
+    log_path: PathBuf,
+    child: Option<Child>,
+    paused: bool,
+}
+
+impl Node {
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+    pub fn paused(&self) -> bool {
+        self.paused
+    }
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+/// Connects a gRPC channel to an admin socket; connection happens on first use and again after
+/// the server restarts.
+pub fn admin_channel(path: &Path) -> Result<Channel, ClusterError> {
+    let path = path.to_owned();
+    let ch = Endpoint::try_from("http://plinth.admin")
+        .map_err(|e| ClusterError::Api(e.to_string()))?
+        .connect_timeout(Duration::from_secs(2))
+        .connect_with_connector_lazy(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move { UnixStream::connect(path).await.map(TokioIo::new) }
+        }));
+    Ok(ch)
+}
+
+/// A loopback cluster of `plinth-server` processes.
+#[derive(Debug)]
+pub struct ProcessCluster {
+    cfg: ClusterConfig,
+    dir: tempfile::TempDir,
+    net: (u8, u8),
+    nodes: BTreeMap<u64, Node>,
+    spawned: Vec<(u32, PathBuf)>,
+}
+
+impl ProcessCluster {
+    /// Starts node 1 (bootstrap) and adds nodes 2..=n through node 1's admin API.
+    pub async fn start(cfg: ClusterConfig, n: u64) -> Result<Self, ClusterError> {
+        let dir = tempfile::Builder::new().prefix("plinth-chaos-").tempdir()?;
+        let net = (rand::random::<u8>() % 200 + 20, rand::random::<u8>());
+        let mut c = Self {
+            cfg,
+            dir,
+            net,
+            nodes: BTreeMap::new(),
+            spawned: Vec::new(),
+        };
+        c.spawn_new(1, true)?;
+        c.wait_leader(c.cfg.start_timeout).await?;
+        for id in 2..=n {
+            c.add_member(id).await?;
+        }
+        Ok(c)
+    }
+
+    /// The directory holding every node's config, data and log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn node(&self, id: u64) -> Result<&Node, ClusterError> {
+        self.nodes.get(&id).ok_or(ClusterError::UnknownNode(id))
+    }
+
+    /// Every process this cluster started: (pid, config file it ran with).
+    pub fn spawned(&self) -> &[(u32, PathBuf)] {
+        &self.spawned
+    }
+
+    /// Node IDs, in order.
+    pub fn ids(&self) -> Vec<u64> {
+        self.nodes.keys().copied().collect()
+    }
+
+    /// Admin sockets of every node (running or not), by node ID.
+    pub fn sockets(&self) -> BTreeMap<u64, PathBuf> {
+        self.nodes
+            .iter()
+            .map(|(id, n)| (*id, n.admin_socket.clone()))
+            .collect()
+    }
+
+    /// Nodes that run and are not paused.
+    pub fn live(&self) -> Vec<u64> {
+        self.nodes
+            .values()
+            .filter(|n| n.running() && !n.paused)
+            .map(|n| n.id)
+            .collect()
+    }
+
+    fn free_port(ip: &str) -> Result<u16, ClusterError> {
+        let l = std::net::TcpListener::bind((ip, 0))?;
+        Ok(l.local_addr()?.port())
+    }
+
+    fn spawn_new(&mut self, id: u64, bootstrap: bool) -> Result<(), ClusterError> {
+        let ip = format!("127.{}.{}.{}", self.net.0, self.net.1, id.min(250));
+        let port = Self::free_port(&ip)?;
+        let raft_addr = format!("{ip}:{port}");
+        let base = self.dir.path().join(format!("node{id}"));
+        std::fs::create_dir_all(&base)?;
+        let admin_socket = base.join("admin.sock");
+        let config_path = base.join("server.toml");
+        let c = &self.cfg;
+        let text = format!(
+            r#"[server]
+trust_domain = "{TRUST_DOMAIN}"
+data_dir = "{b}/data"
+socket_path = "{sock}"
+bind_address = "{ip}"
+bind_port = 0
+log_level = "INFO"
+
+[cluster]
+node_id = {id}
+bind_address = "{raft_addr}"
+bootstrap = {bootstrap}
+insecure_plaintext = true
+election_timeout_min_ms = {emin}
+election_timeout_max_ms = {emax}
+heartbeat_interval_ms = {hb}
+
+[key_manager]
+type = "disk"
+keys_path = "{b}/keys"
+
+[node_attestor.join_token]
+"#,
+            b = base.display(),
+            sock = admin_socket.display(),
+            emin = c.election_timeout_min_ms,
+            emax = c.election_timeout_max_ms,
+            hb = c.heartbeat_interval_ms,
+        );
+        std::fs::write(&config_path, text)?;
+        let node = Node {
+            id,
+            raft_addr,
+            admin_socket,
+            config_path,
+            log_path: base.join("server.log"),
+            child: None,
+            paused: false,
+        };
+        self.nodes.insert(id, node);
+        self.spawn(id)
+    }
+
+    fn spawn(&mut self, id: u64) -> Result<(), ClusterError> {
+        let bin = self.cfg.server_bin.clone();
+        let node = self
+            .nodes
+            .get_mut(&id)
+            .ok_or(ClusterError::UnknownNode(id))?;
+        if node.child.is_some() {
+            return Ok(());
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log_path)?;
+        let child = Command::new(bin)
+            .arg("run")
+            .arg("-config")
+            .arg(&node.config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        tracing::info!(node = id, pid = child.id(), "started plinth-server");
+        self.spawned.push((child.id(), node.config_path.clone()));
+        node.child = Some(child);
+        node.paused = false;
+        Ok(())
+    }
+
+    /// Last lines of a node's log (for failure messages).
+    pub fn log_tail(&self, id: u64, lines: usize) -> String {
+        let Some(n) = self.nodes.get(&id) else {
+            return String::new();
+        };
+        let text = std::fs::read_to_string(&n.log_path).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Cluster status as one node sees it.
+    pub async fn status(&self, id: u64) -> Result<pb::ClusterStatusResponse, ClusterError> {
+        let ch = admin_channel(&self.node(id)?.admin_socket)?;
+        let r = tokio::time::timeout(
+            Duration::from_secs(2),
+            ClusterServiceClient::new(ch).status(pb::ClusterStatusRequest {}),
+        )
+        .await
+        .map_err(|_| ClusterError::Timeout(format!("cluster status from node {id}")))?
+        .map_err(|s| ClusterError::Api(s.message().to_owned()))?;
+        Ok(r.into_inner())
+    }
+
+    /// The leader as the live nodes see it (the most common answer), if any.
+    pub async fn leader(&self) -> Option<u64> {
+        let mut votes: BTreeMap<u64, usize> = BTreeMap::new();
+        for id in self.live() {
+            if let Ok(s) = self.status(id).await {
+                if s.leader_id != 0 {
+                    *votes.entry(s.leader_id).or_default() += 1;
+                }
+            }
+        }
+        votes.into_iter().max_by_key(|(_, v)| *v).map(|(id, _)| id)
+    }
+
+    /// Waits (bounded) until a live node reports a leader that is itself live.
+    pub async fn wait_leader(&self, timeout: Duration) -> Result<u64, ClusterError> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(l) = self.leader().await {
+                if self.live().contains(&l) {
+                    return Ok(l);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Err(ClusterError::Timeout("a leader".into()))
+    }
+
+    /// Starts a new node and adds it as a voter through a live member's admin API.
+    pub async fn add_member(&mut self, id: u64) -> Result<(), ClusterError> {
+        if !self.nodes.contains_key(&id) {
+            self.spawn_new(id, false)?;
+        }
+        let addr = self.node(id)?.raft_addr.clone();
+        let deadline = Instant::now() + self.cfg.start_timeout;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            for via in self.live().into_iter().filter(|v| *v != id) {
+                let ch = admin_channel(&self.node(via)?.admin_socket)?;
+                let r = tokio::time::timeout(
+                    Duration::from_secs(20),
+                    ClusterServiceClient::new(ch).add_node(pb::AddNodeRequest {
+                        node_id: id,
+                        address: addr.clone(),
+                        learner_only: false,
+                    }),
+                )
+                .await;
+                match r {
+                    Ok(Ok(s)) => {
+                        let s = s.into_inner();
+                        if s.members.iter().any(|m| m.node_id == id && m.voter) {
+                            tracing::info!(node = id, via, "member added");
+                            return Ok(());
+                        }
+                        last = "not a voter yet".into();
+                    }
+                    Ok(Err(e)) => last = e.message().to_owned(),
+                    Err(_) => last = "add_node timed out".into(),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        Err(ClusterError::Timeout(format!(
+            "adding node {id}: {last}\n{}",
+            self.log_tail(id, 20)
+        )))
+    }
+
+    /// Removes a member through a live node's admin API, then stops its process and forgets it.
+    pub async fn remove_member(&mut self, id: u64) -> Result<(), ClusterError> {
+        let deadline = Instant::now() + self.cfg.start_timeout;
+        let mut last = String::new();
+        let mut done = false;
+        'outer: while Instant::now() < deadline {
+            for via in self.live().into_iter().filter(|v| *v != id) {
+                let ch = admin_channel(&self.node(via)?.admin_socket)?;
+                let r = tokio::time::timeout(
+                    Duration::from_secs(20),
+                    ClusterServiceClient::new(ch)
+                        .remove_node(pb::RemoveNodeRequest { node_id: id }),
+                )
+                .await;
+                match r {
+                    Ok(Ok(s)) => {
+                        if !s.into_inner().members.iter().any(|m| m.node_id == id) {
+                            tracing::info!(node = id, via, "member removed");
+                            done = true;
+                            break 'outer;
+                        }
+                        last = "still a member".into();
+                    }
+                    Ok(Err(e)) => last = e.message().to_owned(),
+                    Err(_) => last = "remove_node timed out".into(),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        if !done {
+            return Err(ClusterError::Timeout(format!("removing node {id}: {last}")));
+        }
+        self.kill(id)?;
+        self.nodes.remove(&id);
+        Ok(())
+    }
+
+    fn signal(&self, id: u64, sig: Signal) -> Result<(), ClusterError> {
+        let node = self.node(id)?;
+        if let Some(pid) = node.pid() {
+            let pid = i32::try_from(pid).map_err(|_| ClusterError::UnknownNode(id))?;
+            kill(Pid::from_raw(pid), sig)?;
+        }
+        Ok(())
+    }
+
+    /// kill -9 and reap.
+    pub fn kill(&mut self, id: u64) -> Result<(), ClusterError> {
+        let node = self
+            .nodes
+            .get_mut(&id)
+            .ok_or(ClusterError::UnknownNode(id))?;
+        if let Some(mut child) = node.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            tracing::info!(node = id, "killed (SIGKILL)");
+        }
+        node.paused = false;
+        Ok(())
+    }
+
+    /// SIGSTOP: the node neither answers nor acts until resumed.
+    pub fn pause(&mut self, id: u64) -> Result<(), ClusterError> {
+        self.signal(id, Signal::SIGSTOP)?;
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.paused = true;
+        }
+        tracing::info!(node = id, "paused (SIGSTOP)");
+        Ok(())
+    }
+
+    /// SIGCONT.
+    pub fn resume(&mut self, id: u64) -> Result<(), ClusterError> {
+        self.signal(id, Signal::SIGCONT)?;
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.paused = false;
+        }
+        tracing::info!(node = id, "resumed (SIGCONT)");
+        Ok(())
+    }
+
+    /// Starts a stopped node again on its data directory.
+    pub fn restart(&mut self, id: u64) -> Result<(), ClusterError> {
+        self.spawn(id)
+    }
+
+    /// A node ID no member has used in this run.
+    pub fn next_id(&self) -> u64 {
+        self.nodes.keys().max().copied().unwrap_or(0) + 1
+    }
+
+    /// Kills every process (also paused ones: SIGKILL ends a stopped process).
+    pub fn shutdown(&mut self) {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for id in ids {
+            let _ = self.kill(id);
+        }
+    }
+}
+
+impl Drop for ProcessCluster {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

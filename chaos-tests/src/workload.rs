@@ -1,0 +1,544 @@
+//! Clients that drive a cluster through its admin sockets and record what they saw: register
+//! clients (entry create/update/delete/read on a few entry IDs), an append-only writer (entries
+//! created once, never changed: the "no acknowledged write lost" set), join-token racers, and
+//! the recovery probe.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use plinth_api::server as pb;
+use plinth_api::server::agent_service_client::AgentServiceClient;
+use plinth_api::server::entry_service_client::EntryServiceClient;
+use plinth_spiffe::{Csr, KeyType, PrivateKey};
+use rand::Rng;
+use tokio::net::UnixStream;
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+
+use crate::cluster::TRUST_DOMAIN;
+use crate::history::{AttestOutcome, EntryOp, History, SetAdd, TokenAttempt, TokenRace};
+use crate::linearizability::{EntryInput, EntryOutput};
+
+/// Client-side limits.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Register keys (entry IDs) the register clients share.
+    pub keys: usize,
+    /// How long a client waits for an answer before calling the call indeterminate.
+    pub op_timeout: Duration,
+    /// Pause between a client's operations.
+    pub think: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            keys: 12,
+            op_timeout: Duration::from_secs(3),
+            think: Duration::from_millis(20),
+        }
+    }
+}
+
+/// Connects to an admin socket now; `None` if nothing listens (the call is then never sent).
+pub async fn connect(path: &Path) -> Option<Channel> {
+    let path = path.to_owned();
+    let ep = Endpoint::try_from("http://plinth.admin").ok()?;
+    let fut = ep.connect_with_connector(tower::service_fn(move |_| {
+        let path = path.clone();
+        async move { UnixStream::connect(path).await.map(TokioIo::new) }
+    }));
+    tokio::time::timeout(Duration::from_secs(1), fut)
+        .await
+        .ok()?
+        .ok()
+}
+
+/// The entry ID of register key `k`.
+pub fn key_id(k: usize) -> String {
+    format!("chaos-reg-{k}")
+}
+
+fn key_entry(k: usize, hint: &str) -> pb::Entry {
+    pb::Entry {
+        id: key_id(k),
+        spiffe_id: format!("spiffe://{TRUST_DOMAIN}/chaos/reg/{k}"),
+        parent_id: format!("spiffe://{TRUST_DOMAIN}/chaos/agent"),
+        selectors: vec![pb::Selector {
+            r#type: "unix".into(),
+            value: format!("uid:{}", 10_000 + k),
+        }],
+        hint: hint.to_owned(),
+        ..Default::default()
+    }
+}
+
+fn set_entry(id: &str) -> pb::Entry {
+    pb::Entry {
+        id: id.to_owned(),
+        spiffe_id: format!("spiffe://{TRUST_DOMAIN}/chaos/set/{id}"),
+        parent_id: format!("spiffe://{TRUST_DOMAIN}/chaos/agent"),
+        selectors: vec![pb::Selector {
+            r#type: "unix".into(),
+            value: "uid:1".into(),
+        }],
+        ..Default::default()
+    }
+}
+
+/// Maps a per-item status code to an outcome; other codes leave the outcome unknown.
+fn item_outcome(code: i32) -> Option<EntryOutput> {
+    match Code::from_i32(code) {
+        Code::Ok => Some(EntryOutput::Ok),
+        Code::NotFound => Some(EntryOutput::NotFound),
+        Code::AlreadyExists => Some(EntryOutput::AlreadyExists),
+        _ => None,
+    }
+}
+
+/// Runs one entry operation against one server; returns (output, error text).
+async fn entry_call(
+    ch: Channel,
+    key: usize,
+    input: &EntryInput,
+    timeout: Duration,
+) -> (Option<EntryOutput>, Option<String>) {
+    let mut c = EntryServiceClient::new(ch);
+    let fut = async {
+        match input {
+            EntryInput::Create(v) => c
+                .batch_create_entry(pb::BatchCreateEntryRequest {
+                    entries: vec![key_entry(key, v)],
+                })
+                .await
+                .map(|r| {
+                    r.into_inner()
+                        .results
+                        .first()
+                        .and_then(|x| x.status.clone())
+                }),
+            EntryInput::Update(v) => c
+                .batch_update_entry(pb::BatchUpdateEntryRequest {
+                    entries: vec![key_entry(key, v)],
+                })
+                .await
+                .map(|r| {
+                    r.into_inner()
+                        .results
+                        .first()
+                        .and_then(|x| x.status.clone())
+                }),
+            EntryInput::Delete => c
+                .batch_delete_entry(pb::BatchDeleteEntryRequest {
+                    ids: vec![key_id(key)],
+                })
+                .await
+                .map(|r| {
+                    r.into_inner()
+                        .results
+                        .first()
+                        .and_then(|x| x.status.clone())
+                }),
+            EntryInput::Read => match c.get_entry(pb::GetEntryRequest { id: key_id(key) }).await {
+                Ok(e) => {
+                    return (
+                        Some(EntryOutput::Value(Some(e.into_inner().hint))),
+                        None::<String>,
+                    )
+                }
+                Err(s) if s.code() == Code::NotFound => {
+                    return (Some(EntryOutput::Value(None)), None)
+                }
+                Err(s) => Err(s),
+            },
+        }
+        .map_or_else(
+            |s| (None, Some(format!("{:?}: {}", s.code(), s.message()))),
+            |st| match st {
+                None => (None, Some("no item status".into())),
+                Some(st) => match item_outcome(st.code) {
+                    Some(o) => (Some(o), None),
+                    None => (None, Some(format!("item {}: {}", st.code, st.message))),
+                },
+            },
+        )
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => (None, Some("timeout".into())),
+    }
+}
+
+/// How long a client leaves a server alone after a call to it timed out (a client with a
+/// health-checked server list; without it every client ends up waiting on a paused server).
+const AVOID_AFTER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Servers a client currently avoids.
+#[derive(Debug, Default)]
+struct Avoid(BTreeMap<u64, tokio::time::Instant>);
+
+impl Avoid {
+    fn suspect(&mut self, server: u64) {
+        self.0
+            .insert(server, tokio::time::Instant::now() + AVOID_AFTER_TIMEOUT);
+    }
+
+    /// The next turn (index into `servers`) after `turn` whose server is not avoided; the
+    /// plain next one if all are.
+    fn next(&self, servers: &[(u64, PathBuf)], turn: usize) -> usize {
+        let now = tokio::time::Instant::now();
+        for step in 1..=servers.len() {
+            let t = turn + step;
+            let id = servers[t % servers.len()].0;
+            if self.0.get(&id).is_none_or(|until| *until <= now) {
+                return t;
+            }
+        }
+        turn + 1
+    }
+}
+
+/// A register client: random operations on random keys through the servers in turn, until
+/// `stop` is set.
+pub async fn register_client(
+    client: usize,
+    sockets: BTreeMap<u64, PathBuf>,
+    cfg: ClientConfig,
+    history: Arc<History>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let servers: Vec<(u64, PathBuf)> = sockets.into_iter().collect();
+    if servers.is_empty() {
+        return;
+    }
+    let mut seq = 0u64;
+    let mut turn = client;
+    let mut avoid = Avoid::default();
+    while !*stop.borrow() {
+        seq += 1;
+        turn = avoid.next(&servers, turn);
+        let (server, path) = &servers[turn % servers.len()];
+        let (key, input) = {
+            let mut rng = rand::thread_rng();
+            let key = rng.gen_range(0..cfg.keys.max(1));
+            let v = format!("c{client}-{seq}");
+            let input = match rng.gen_range(0..100) {
+                0..40 => EntryInput::Read,
+                40..70 => EntryInput::Update(v),
+                70..88 => EntryInput::Create(v),
+                _ => EntryInput::Delete,
+            };
+            (key, input)
+        };
+        let call_us = history.now_us();
+        let Some(ch) = connect(path).await else {
+            history.push_unsent(call_us);
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        };
+        let (output, error) = entry_call(ch, key, &input, cfg.op_timeout).await;
+        let end_us = history.now_us();
+        if error.as_deref() == Some("timeout") {
+            avoid.suspect(*server);
+        }
+        // A failed read is kept for the statistics; the checker skips it (it changed nothing).
+        history.push_entry(EntryOp {
+            client,
+            server: *server,
+            key: key_id(key),
+            input,
+            output,
+            error,
+            call_us,
+            end_us,
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(cfg.think) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
+/// Creates one set entry through `path`; true if acknowledged.
+pub async fn set_add(
+    history: &History,
+    server: u64,
+    path: &Path,
+    id: &str,
+    timeout: Duration,
+    probe: bool,
+) -> bool {
+    let call_us = history.now_us();
+    let Some(ch) = connect(path).await else {
+        history.push_unsent(call_us);
+        return false;
+    };
+    let r = tokio::time::timeout(
+        timeout,
+        EntryServiceClient::new(ch).batch_create_entry(pb::BatchCreateEntryRequest {
+            entries: vec![set_entry(id)],
+        }),
+    )
+    .await;
+    let acknowledged = matches!(&r, Ok(Ok(resp)) if resp.get_ref().results.first()
+        .and_then(|x| x.status.as_ref()).is_some_and(|s| s.code == 0));
+    history.push_set(SetAdd {
+        id: id.to_owned(),
+        server,
+        acknowledged,
+        call_us,
+        end_us: history.now_us(),
+        probe,
+    });
+    acknowledged
+}
+
+/// The append-only writer: creates `set-<n>` entries through the servers in turn.
+pub async fn set_writer(
+    sockets: BTreeMap<u64, PathBuf>,
+    cfg: ClientConfig,
+    history: Arc<History>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let servers: Vec<(u64, PathBuf)> = sockets.into_iter().collect();
+    if servers.is_empty() {
+        return;
+    }
+    let mut n = 0usize;
+    let mut turn = 0usize;
+    let mut avoid = Avoid::default();
+    while !*stop.borrow() {
+        turn = avoid.next(&servers, turn);
+        let (server, path) = &servers[turn % servers.len()];
+        let t0 = tokio::time::Instant::now();
+        let ok = set_add(
+            &history,
+            *server,
+            path,
+            &format!("set-{n}"),
+            cfg.op_timeout,
+            false,
+        )
+        .await;
+        if !ok && t0.elapsed() >= cfg.op_timeout {
+            avoid.suspect(*server);
+        }
+        n += 1;
+        tokio::select! {
+            _ = tokio::time::sleep(cfg.think * 5) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
+/// After a fault: writes probe entries through the given servers until one is acknowledged
+/// or `bound` passes; returns when the first acknowledged probe was acknowledged (µs).
+pub async fn probe_commit(
+    history: Arc<History>,
+    servers: Vec<(u64, PathBuf)>,
+    tag: String,
+    bound: Duration,
+) -> Option<u64> {
+    if servers.is_empty() {
+        return None;
+    }
+    let deadline = tokio::time::Instant::now() + bound;
+    let mut i = 0usize;
+    while tokio::time::Instant::now() < deadline {
+        let (server, path) = &servers[i % servers.len()];
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let t = left.min(Duration::from_secs(2));
+        if set_add(
+            &history,
+            *server,
+            path,
+            &format!("probe-{tag}-{i}"),
+            t,
+            true,
+        )
+        .await
+        {
+            return history.set().last().map(|s| s.end_us);
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+async fn attest(path: &Path, token: &str, timeout: Duration) -> (AttestOutcome, Option<String>) {
+    let Some(ch) = connect(path).await else {
+        return (AttestOutcome::NotSent, Some("connect failed".into()));
+    };
+    let csr = match PrivateKey::generate(KeyType::EcP256)
+        .map_err(|e| e.to_string())
+        .and_then(|k| Csr::create(Arc::new(k)).map_err(|e| e.to_string()))
+    {
+        Ok(c) => c,
+        Err(e) => return (AttestOutcome::NotSent, Some(format!("csr: {e}"))),
+    };
+    let req = pb::AttestAgentRequest {
+        step: Some(pb::attest_agent_request::Step::Params(
+            pb::attest_agent_request::Params {
+                data: Some(pb::AttestationData {
+                    r#type: "join_token".into(),
+                    payload: token.as_bytes().to_vec(),
+                }),
+                csr,
+            },
+        )),
+    };
+    let fut = async {
+        let mut stream = AgentServiceClient::new(ch)
+            .attest_agent(tokio_stream::iter(vec![req]))
+            .await?
+            .into_inner();
+        stream.message().await
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Err(_) => (AttestOutcome::Indeterminate, Some("timeout".into())),
+        Ok(Ok(Some(pb::AttestAgentResponse {
+            step: Some(pb::attest_agent_response::Step::Result(r)),
+        }))) if r.svid.is_some() => (AttestOutcome::Attested, None),
+        Ok(Ok(other)) => (
+            AttestOutcome::Indeterminate,
+            Some(format!("unexpected answer: {other:?}")),
+        ),
+        Ok(Err(s)) if s.code() == Code::PermissionDenied => {
+            (AttestOutcome::Refused, Some(s.message().to_owned()))
+        }
+        Ok(Err(s)) => (
+            AttestOutcome::Indeterminate,
+            Some(format!("{:?}: {}", s.code(), s.message())),
+        ),
+    }
+}
+
+/// Creates join tokens and races two attestations with each through two different servers.
+pub async fn token_racer(
+    sockets: BTreeMap<u64, PathBuf>,
+    cfg: ClientConfig,
+    history: Arc<History>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let servers: Vec<(u64, PathBuf)> = sockets.into_iter().collect();
+    if servers.len() < 2 {
+        return;
+    }
+    let mut n = 0u64;
+    while !*stop.borrow() {
+        n += 1;
+        let i = usize::try_from(n).unwrap_or(0);
+        let (on, path) = &servers[i % servers.len()];
+        let token = format!("chaos-token-{n}-{}", rand::random::<u32>());
+        let created_us = history.now_us();
+        let created = match connect(path).await {
+            None => false,
+            Some(ch) => matches!(
+                tokio::time::timeout(
+                    cfg.op_timeout,
+                    AgentServiceClient::new(ch).create_join_token(pb::CreateJoinTokenRequest {
+                        ttl: 3600,
+                        agent_id: String::new(),
+                        token: token.clone(),
+                    }),
+                )
+                .await,
+                Ok(Ok(_))
+            ),
+        };
+        if created {
+            let (a, pa) = &servers[(i + 1) % servers.len()];
+            let (b, pb_) = &servers[(i + 2) % servers.len()];
+            let h = history.clone();
+            let one = async {
+                let call_us = h.now_us();
+                let (outcome, error) = attest(pa, &token, cfg.op_timeout).await;
+                TokenAttempt {
+                    server: *a,
+                    outcome,
+                    error,
+                    call_us,
+                    end_us: h.now_us(),
+                }
+            };
+            let two = async {
+                let call_us = h.now_us();
+                let (outcome, error) = attest(pb_, &token, cfg.op_timeout).await;
+                TokenAttempt {
+                    server: *b,
+                    outcome,
+                    error,
+                    call_us,
+                    end_us: h.now_us(),
+                }
+            };
+            let (x, y) = tokio::join!(one, two);
+            history.push_token(TokenRace {
+                token_no: n,
+                created_on: *on,
+                created_us,
+                attempts: vec![x, y],
+            });
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(cfg.think * 10) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
+/// Reads every register key and lists every entry through one server (after the run).
+pub async fn final_read(
+    history: &History,
+    server: u64,
+    path: &Path,
+    keys: usize,
+    timeout: Duration,
+) -> Option<Vec<pb::Entry>> {
+    for k in 0..keys {
+        let call_us = history.now_us();
+        let ch = connect(path).await?;
+        let (output, error) = entry_call(ch, k, &EntryInput::Read, timeout).await;
+        history.push_entry(EntryOp {
+            client: usize::MAX,
+            server,
+            key: key_id(k),
+            input: EntryInput::Read,
+            output,
+            error,
+            call_us,
+            end_us: history.now_us(),
+        });
+    }
+    let mut out = Vec::new();
+    let mut token = String::new();
+    for _ in 0..10_000 {
+        let ch = connect(path).await?;
+        let r = tokio::time::timeout(
+            timeout,
+            EntryServiceClient::new(ch).list_entries(pb::ListEntriesRequest {
+                filter: None,
+                page_size: 500,
+                page_token: token.clone(),
+            }),
+        )
+        .await
+        .ok()?
+        .ok()?
+        .into_inner();
+        out.extend(r.entries);
+        if r.next_page_token.is_empty() {
+            return Some(out);
+        }
+        token = r.next_page_token;
+    }
+    None
+}
