@@ -252,7 +252,11 @@ impl Inner {
                     leader: f.leader_id,
                 })
             }
-            Ok(Err(RaftError::APIError(e))) => Err(ForwardError::Failed(e.to_string())),
+            // A leader that cannot reach a quorum (peers down or restarting) is not confirmed
+            // as leader: retryable, like having no leader, and never fatal to this node.
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => {
+                Err(ForwardError::NotLeader { leader: None })
+            }
             Ok(Err(RaftError::Fatal(f))) => Err(ForwardError::Failed(f.to_string())),
         }
     }

@@ -314,10 +314,11 @@ async fn t50_a_minority_neither_commits_nor_serves_linearizable_reads() {
         "a write without a quorum was acknowledged: {r:?}"
     );
     let read = c.node(leader).read(|s| s.list_entries()).await;
-    assert!(
-        read.is_err(),
-        "a read without a quorum was served: {read:?}"
-    );
+    match read {
+        Ok(r) => panic!("a read without a quorum was served: {r:?}"),
+        // Retryable: the node must keep running and serve again once its peers are back.
+        Err(e) => assert!(!e.is_fatal(), "a lost quorum is not fatal: {e:?}"),
+    }
     for node in c.nodes.into_iter().flatten() {
         node.shutdown().await.unwrap();
     }
