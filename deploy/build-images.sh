@@ -6,8 +6,8 @@
 #   plinth-tools:$TAG   both binaries plus a static busybox (a shell for one-shot jobs: cluster
 #                       membership, join tokens, demo workloads)
 #
-# Each image is `FROM scratch` with a root filesystem assembled here, so `docker build` pulls
-# nothing. Usage:
+# Each image is a root filesystem assembled here and loaded with `docker import` (the
+# equivalent of `FROM scratch` + COPY, keeping file owners), so nothing is pulled. Usage:
 #
 #   deploy/build-images.sh                 # debug binaries (fast if already built)
 #   PROFILE=release deploy/build-images.sh # release binaries (compiles RocksDB again: ~10 min)
@@ -53,8 +53,12 @@ add_binary() {
 # non-root user by default), CA certificates are not needed (SPIFFE trust comes from bundles).
 base_rootfs() {
   local root="$1"
-  mkdir -p "$root/tmp" "$root/etc" "$root/var/lib/plinth" "$root/run/plinth"
+  mkdir -p "$root/tmp" "$root/etc" "$root/var/lib/plinth" "$root/run/plinth/server" \
+    "$root/run/plinth/agent" "$root/shared"
   chmod 1777 "$root/tmp"
+  # Volumes mounted here start with these owners: the server and the jobs run as uid 1000.
+  chown -R 1000:1000 "$root/var/lib/plinth" "$root/run/plinth/server" "$root/shared"
+  chmod 0700 "$root/var/lib/plinth"
   cat >"$root/etc/passwd" <<'EOF'
 root:x:0:0:root:/root:/sbin/nologin
 plinth:x:1000:1000:plinth:/var/lib/plinth:/sbin/nologin
@@ -72,14 +76,12 @@ EOF
 
 build_image() {
   local name="$1" root="$2" entry="$3"
-  cat >"$root/../Dockerfile.$name" <<EOF
-FROM scratch
-COPY rootfs-$name/ /
-ENV PATH=/usr/local/bin:/bin
-ENTRYPOINT ["$entry"]
-LABEL org.opencontainers.image.title="$name" org.opencontainers.image.source="plinth deploy/build-images.sh"
-EOF
-  docker build -q -f "$root/../Dockerfile.$name" -t "$name:$TAG" "$WORK" >/dev/null
+  # `docker import` of a tar keeps file owners (a Dockerfile COPY would make everything root's).
+  tar -C "$root" --numeric-owner -cf - . | docker import \
+    --change "ENTRYPOINT [\"$entry\"]" \
+    --change 'ENV PATH=/usr/local/bin:/bin' \
+    --change "LABEL org.opencontainers.image.title=$name" \
+    - "$name:$TAG" >/dev/null
   echo "built $name:$TAG ($(docker image inspect -f '{{.Size}}' "$name:$TAG" | awk '{printf "%.0f MB", $1/1e6}'))"
 }
 
