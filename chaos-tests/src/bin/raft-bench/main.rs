@@ -1,0 +1,275 @@
+//! raft-bench: plinth's 3-server cluster against a 3-member etcd cluster (the baseline), both
+//! on loopback with every write synced to disk, driven in the same run with the same value size
+//! and the same client concurrency; then leader failover times for plinth (kill -9 the leader,
+//! time to the first write committed through a survivor).
+//!
+//! ```sh
+//! cargo build --release -p plinth-server -p plinth-chaos
+//! /root/.cache/plinth-target/release/raft-bench --seconds 10 --failover-trials 20
+//! ```
+//!
+//! Results are printed as Markdown tables (the form docs/benchmarks.md records).
+
+mod etcd;
+mod plinth;
+mod procs;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::sync::Mutex;
+
+#[derive(Debug, Parser)]
+#[command(about = "plinth's Raft cluster against etcd: write throughput, latency, failover")]
+struct Args {
+    /// The plinth-server binary (default: next to this one, i.e. the same build profile).
+    #[arg(long)]
+    plinth_bin: Option<PathBuf>,
+    /// The etcd server binary (Debian: `apt-get install etcd-server`).
+    #[arg(long, default_value = "/usr/bin/etcd")]
+    etcd_bin: PathBuf,
+    /// Measured seconds per (system, concurrency) cell, after one second of warm-up.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Bytes per write: the encoded registration entry for plinth, the value for etcd.
+    #[arg(long, default_value_t = 300)]
+    value_size: usize,
+    /// Client counts to measure, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    concurrency: Vec<usize>,
+    /// Leader kill -9 trials (0 skips the failover measurement).
+    #[arg(long, default_value_t = 10)]
+    failover_trials: usize,
+    /// plinth's election timeout range and heartbeat for the whole run, in ms.
+    #[arg(long, default_value_t = 150)]
+    election_min_ms: u64,
+    #[arg(long, default_value_t = 300)]
+    election_max_ms: u64,
+    #[arg(long, default_value_t = 50)]
+    heartbeat_ms: u64,
+    /// Skip the etcd baseline.
+    #[arg(long)]
+    no_etcd: bool,
+    /// Where the data directories go (on the disk under test; not a tmpfs).
+    #[arg(long, default_value = "/var/tmp")]
+    work_dir: PathBuf,
+}
+
+/// One client's connection to one system.
+#[derive(Debug)]
+enum Client {
+    Plinth(plinth::Writer),
+    Etcd(etcd::Writer),
+}
+
+impl Client {
+    async fn write(&mut self, seq: u64) -> Result<(), String> {
+        match self {
+            Client::Plinth(w) => w.write(seq).await,
+            Client::Etcd(w) => w.write(seq).await,
+        }
+    }
+}
+
+/// What one cell of the table measured.
+#[derive(Debug, Default)]
+struct Stats {
+    ops: usize,
+    errors: usize,
+    seconds: f64,
+    latencies: Vec<Duration>,
+}
+
+impl Stats {
+    fn rate(&self) -> f64 {
+        self.ops as f64 / self.seconds
+    }
+}
+
+/// The `q` quantile (0..=1) of sorted samples, nearest rank.
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+/// Runs every client in a loop for `warm + measured`; counts the writes that started after the
+/// warm-up and were acknowledged.
+async fn run_load(clients: Vec<Client>, seconds: u64) -> Stats {
+    let warm = Duration::from_secs(1);
+    let measured = Duration::from_secs(seconds);
+    let start = Instant::now();
+    let from = start + warm;
+    let until = from + measured;
+    let stats = Arc::new(Mutex::new(Stats::default()));
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            let stats = stats.clone();
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut errors = 0usize;
+                let mut seq = 0u64;
+                loop {
+                    let t = Instant::now();
+                    if t >= until {
+                        break;
+                    }
+                    let r = c.write(seq).await;
+                    seq += 1;
+                    if t < from {
+                        continue;
+                    }
+                    match r {
+                        Ok(()) => lat.push(t.elapsed()),
+                        Err(_) => errors += 1,
+                    }
+                }
+                let mut s = stats.lock().await;
+                s.ops += lat.len();
+                s.errors += errors;
+                s.latencies.extend(lat);
+            })
+        })
+        .collect();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let end = Instant::now();
+    let mut s = std::mem::take(&mut *stats.lock().await);
+    s.seconds = end.duration_since(from).as_secs_f64();
+    s.latencies.sort();
+    s
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let plinth_bin = match &args.plinth_bin {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .context("locating this binary")?
+            .with_file_name("plinth-server"),
+    };
+    anyhow::ensure!(
+        plinth_bin.exists(),
+        "{} not found (cargo build --release -p plinth-server)",
+        plinth_bin.display()
+    );
+    std::fs::create_dir_all(&args.work_dir)
+        .with_context(|| format!("creating {}", args.work_dir.display()))?;
+    let dir = tempfile::Builder::new()
+        .prefix("raft-bench-")
+        .tempdir_in(&args.work_dir)
+        .context("creating the work directory")?;
+    let timing = plinth::Timing {
+        election_min_ms: args.election_min_ms,
+        election_max_ms: args.election_max_ms,
+        heartbeat_ms: args.heartbeat_ms,
+    };
+
+    eprintln!("starting plinth (3 processes) and etcd (3 members) ...");
+    let mut pc = plinth::Cluster::start(&plinth_bin, &dir.path().join("plinth"), timing).await?;
+    let ec = if args.no_etcd {
+        None
+    } else {
+        Some(etcd::Cluster::start(&args.etcd_bin, &dir.path().join("etcd")).await?)
+    };
+
+    println!();
+    println!(
+        "| clients | system | writes/s | p50 ms | p99 ms | errors |\n|---:|---|---:|---:|---:|---:|"
+    );
+    let mut results = Vec::new();
+    for (round, &n) in args.concurrency.iter().enumerate() {
+        let leader = pc.leader().await?;
+        let mut clients = Vec::new();
+        for c in 0..n {
+            let w = plinth::Writer::connect(&pc.socket(leader), round, c, args.value_size).await?;
+            clients.push(Client::Plinth(w));
+        }
+        let s = run_load(clients, args.seconds).await;
+        print_row(n, "plinth", &s);
+        results.push(("plinth", n, s));
+        if let Some(ec) = &ec {
+            let endpoint = ec.leader_endpoint().await?;
+            let mut clients = Vec::new();
+            for c in 0..n {
+                let w = etcd::Writer::connect(&endpoint, round, c, args.value_size).await?;
+                clients.push(Client::Etcd(w));
+            }
+            let s = run_load(clients, args.seconds).await;
+            print_row(n, "etcd", &s);
+            results.push(("etcd", n, s));
+        }
+    }
+    if ec.is_some() {
+        println!();
+        for &n in &args.concurrency {
+            let get = |sys: &str| results.iter().find(|(s, c, _)| *s == sys && *c == n);
+            if let (Some((_, _, p)), Some((_, _, e))) = (get("plinth"), get("etcd")) {
+                let p99p = quantile(&p.latencies, 0.99);
+                let p99e = quantile(&e.latencies, 0.99);
+                let met = p.rate() >= e.rate() && p99p <= p99e;
+                println!(
+                    "{n} client(s): plinth/etcd throughput {:.2}x, p99 {} ms vs {} ms: target {}",
+                    p.rate() / e.rate(),
+                    ms(p99p),
+                    ms(p99e),
+                    if met { "met" } else { "NOT met" }
+                );
+            }
+        }
+    }
+    drop(ec);
+
+    if args.failover_trials > 0 {
+        println!();
+        println!(
+            "plinth leader failover, {} trials (election timeout {}-{} ms, heartbeat {} ms):",
+            args.failover_trials, args.election_min_ms, args.election_max_ms, args.heartbeat_ms
+        );
+        let mut times = Vec::new();
+        for trial in 0..args.failover_trials {
+            let t = pc.failover_trial(trial).await?;
+            eprintln!("  trial {trial}: {} ms", ms(t));
+            times.push(t);
+        }
+        times.sort();
+        let p50 = quantile(&times, 0.5);
+        let p99 = quantile(&times, 0.99);
+        println!(
+            "| trials | min ms | p50 ms | p99 ms | max ms |\n|---:|---:|---:|---:|---:|\n| {} | {} | {} | {} | {} |",
+            times.len(),
+            ms(times[0]),
+            ms(p50),
+            ms(p99),
+            ms(times[times.len() - 1])
+        );
+        println!(
+            "target p50 < 400 ms: {}; p99 < 1000 ms: {}",
+            if p50 < Duration::from_millis(400) { "met" } else { "NOT met" },
+            if p99 < Duration::from_secs(1) { "met" } else { "NOT met" }
+        );
+    }
+    Ok(())
+}
+
+fn print_row(n: usize, system: &str, s: &Stats) {
+    println!(
+        "| {n} | {system} | {:.0} | {} | {} | {} |",
+        s.rate(),
+        ms(quantile(&s.latencies, 0.5)),
+        ms(quantile(&s.latencies, 0.99)),
+        s.errors
+    );
+}
