@@ -1,10 +1,20 @@
 //! The Raft log and vote on RocksDB ([`openraft::storage::RaftLogStorage`]).
 //!
-//! Every write (append, vote, committed index, truncate, purge) is synced to disk before it is
-//! reported done, so nothing Raft acknowledged can be lost by a crash.
+//! Every write Raft relies on is synced to disk before it is reported done, so nothing Raft
+//! acknowledged can be lost by a crash: vote, truncate and purge sync before returning; appended
+//! entries are reported flushed (the [`LogFlushed`] callback, which is what lets Raft count them
+//! toward a commit or answer a leader) only after an fsync that covers them. Appends use group
+//! commit: each is written to RocksDB's write-ahead log unsynced and returns at once, and one
+//! background sync then completes every append written before it started, so concurrent
+//! writes share an fsync and the leader's fsync overlaps the followers'. The committed index is
+//! written unsynced: Raft does not need it durable (a restarted node learns it again), and it
+//! reaches disk with the state machine's sync that follows every apply.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{AnyError, LogState, OptionalSend, RaftLogReader, StorageIOError};
@@ -16,15 +26,100 @@ use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 const T_LOG: &str = "raft_log";
 const T_META: &str = "raft_meta";
 
-/// The log store. Clones share the database.
+/// The log store. Clones share the database and the group-commit queue.
 #[derive(Debug, Clone)]
 pub struct LogStore {
     store: Store,
+    flusher: Arc<Flusher>,
+}
+
+/// Group commit of appended entries: callbacks of appends already written to the WAL wait here
+/// for the next sync.
+#[derive(Default)]
+pub(crate) struct Flusher {
+    queue: Mutex<FlushQueue>,
+    /// Sync tasks started and not yet finished (each holds a handle on the database).
+    active: AtomicUsize,
+}
+
+#[derive(Default)]
+struct FlushQueue {
+    pending: Vec<LogFlushed<TypeConfig>>,
+    /// A sync task is running and will take `pending` before it stops.
+    running: bool,
+}
+
+impl std::fmt::Debug for Flusher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Flusher")
+            .field("active", &self.active.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Flusher {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FlushQueue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues the callback of an append that is already in the WAL; starts a sync task unless
+    /// one is running (it will pick this callback up).
+    fn submit(self: &Arc<Self>, store: &Store, callback: LogFlushed<TypeConfig>) {
+        let start = {
+            let mut q = self.lock();
+            q.pending.push(callback);
+            !std::mem::replace(&mut q.running, true)
+        };
+        if start {
+            self.active.fetch_add(1, Ordering::SeqCst);
+            let me = self.clone();
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || {
+                me.run(store);
+                me.active.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    }
+
+    /// Syncs and completes queued callbacks until the queue is empty. Every callback taken was
+    /// queued after its write returned, so the sync that follows covers it.
+    fn run(&self, store: Store) {
+        loop {
+            let batch = {
+                let mut q = self.lock();
+                if q.pending.is_empty() {
+                    q.running = false;
+                    return;
+                }
+                std::mem::take(&mut q.pending)
+            };
+            let r = store.sync().map_err(|e| e.to_string());
+            for cb in batch {
+                cb.log_io_completed(r.clone().map_err(std::io::Error::other));
+            }
+        }
+    }
+
+    /// Waits (bounded) until no sync task holds the database, so that it can be reopened.
+    pub(crate) async fn wait_idle(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
 }
 
 impl LogStore {
     pub fn new(store: Store) -> Self {
-        Self { store }
+        Self {
+            store,
+            flusher: Arc::default(),
+        }
+    }
+
+    /// The group-commit queue, to wait for its syncs at shutdown.
+    pub(crate) fn flusher(&self) -> Arc<Flusher> {
+        self.flusher.clone()
     }
 
     fn meta<T>(&self, key: MetaKey) -> Result<Option<T>, plinth_storage::StorageError>
@@ -105,7 +200,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         let bytes = encode(T_META, &committed).map_err(write_err)?;
         self.store
-            .meta_put(MetaKey::Committed, bytes)
+            .meta_put_unsynced(MetaKey::Committed, bytes)
             .map_err(write_err)
     }
 
@@ -130,9 +225,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map(|e| encode(T_LOG, &e).map(|bytes| (e.log_id.index, bytes)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(write_err)?;
-        match self.store.log_append(encoded) {
+        match self.store.log_append_unsynced(encoded) {
             Ok(()) => {
-                callback.log_io_completed(Ok(()));
+                self.flusher.submit(&self.store, callback);
                 Ok(())
             }
             Err(e) => {

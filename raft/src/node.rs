@@ -192,6 +192,7 @@ pub(crate) struct Inner {
     store: Store,
     config: RaftConfig,
     changes: broadcast::Sender<ChangeEvent>,
+    flusher: Arc<crate::log_store::Flusher>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -376,15 +377,11 @@ impl RaftNode {
         let store = Store::open(&config.data_dir)?;
         let (changes, _) = broadcast::channel(CHANGE_CHANNEL_CAPACITY);
         let sm = StateMachine::open(store.clone(), changes.clone())?;
-        let raft = Raft::new(
-            config.node_id,
-            raft_config,
-            Network,
-            LogStore::new(store.clone()),
-            sm,
-        )
-        .await
-        .map_err(|e| NodeError::Raft(e.to_string()))?;
+        let log_store = LogStore::new(store.clone());
+        let flusher = log_store.flusher();
+        let raft = Raft::new(config.node_id, raft_config, Network, log_store, sm)
+            .await
+            .map_err(|e| NodeError::Raft(e.to_string()))?;
 
         let listen = config.listen_addr;
         let listen_err = |source| NodeError::Listen {
@@ -408,6 +405,7 @@ impl RaftNode {
             store,
             config,
             changes,
+            flusher,
         });
         let service = RaftServiceServer::new(RaftGrpc {
             inner: inner.clone(),
@@ -664,6 +662,8 @@ impl RaftNode {
         raft.shutdown()
             .await
             .map_err(|e| NodeError::Raft(e.to_string()))?;
+        // A log sync may still be running; it holds the database open.
+        self.inner.flusher.wait_idle().await;
         if let Some(stop) = self.stop_server.take() {
             let _ = stop.send(());
         }

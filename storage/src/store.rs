@@ -216,12 +216,29 @@ impl Store {
     where
         I: IntoIterator<Item = (u64, Vec<u8>)>,
     {
+        self.log_write(entries, &sync_opts())
+    }
+
+    /// Appends (or overwrites) log entries in RocksDB's write-ahead log without syncing it: the
+    /// entries are durable once a later [`Store::sync`] (or any synced write) returns, which
+    /// covers every write that completed before it. For group commit: many appends, one fsync.
+    pub fn log_append_unsynced<I>(&self, entries: I) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = (u64, Vec<u8>)>,
+    {
+        self.log_write(entries, &WriteOptions::default())
+    }
+
+    fn log_write<I>(&self, entries: I, opts: &WriteOptions) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = (u64, Vec<u8>)>,
+    {
         let cf = self.cf(CF_RAFT_LOG)?;
         let mut batch = WriteBatch::default();
         for (index, bytes) in entries {
             batch.put_cf(cf, u64_key(index), bytes);
         }
-        self.db.write_opt(batch, &sync_opts())?;
+        self.db.write_opt(batch, opts)?;
         Ok(())
     }
 
@@ -298,6 +315,18 @@ impl Store {
     pub fn meta_put(&self, key: MetaKey, value: Vec<u8>) -> Result<(), StorageError> {
         self.db
             .put_cf_opt(self.cf(CF_RAFT_META)?, key.as_bytes(), value, &sync_opts())?;
+        Ok(())
+    }
+
+    /// Writes a Raft metadata value to the write-ahead log without syncing it; it becomes
+    /// durable with the next [`Store::sync`] or synced write.
+    pub fn meta_put_unsynced(&self, key: MetaKey, value: Vec<u8>) -> Result<(), StorageError> {
+        self.db.put_cf_opt(
+            self.cf(CF_RAFT_META)?,
+            key.as_bytes(),
+            value,
+            &WriteOptions::default(),
+        )?;
         Ok(())
     }
 

@@ -158,6 +158,33 @@ fn t10_raft_log_append_read_truncate_purge_survive_reopen() {
 }
 
 #[test]
+fn t10_unsynced_log_appends_are_readable_at_once_and_kept_after_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Store::open(dir.path()).unwrap();
+        s.log_append_unsynced((1..=3).map(|i| (i, vec![i as u8])))
+            .unwrap();
+        s.log_append_unsynced((4..=5).map(|i| (i, vec![i as u8])))
+            .unwrap();
+        s.meta_put_unsynced(MetaKey::Committed, b"c5".to_vec())
+            .unwrap();
+        // Readable before any sync (Raft reads its own unflushed log).
+        assert_eq!(s.log_last().unwrap(), Some((5, vec![5])));
+        s.sync().unwrap();
+    }
+    let s = Store::open(dir.path()).unwrap();
+    let r = s.log_range(0, None).unwrap();
+    assert_eq!(
+        r.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
+    assert_eq!(
+        s.meta_get(MetaKey::Committed).unwrap(),
+        Some(b"c5".to_vec())
+    );
+}
+
+#[test]
 fn t20_entry_create_update_delete_maintain_indexes() {
     let mut db = Db::new();
     let parent = "spiffe://example.org/agent/a";

@@ -30,9 +30,12 @@ pub struct Cluster {
 }
 
 async fn channel(endpoint: &str) -> anyhow::Result<Channel> {
-    let ch = tokio::time::timeout(CALL_LIMIT, Endpoint::try_from(endpoint.to_owned())?.connect())
-        .await
-        .context("connecting to etcd: timeout")??;
+    let ch = tokio::time::timeout(
+        CALL_LIMIT,
+        Endpoint::try_from(endpoint.to_owned())?.connect(),
+    )
+    .await
+    .context("connecting to etcd: timeout")??;
     Ok(ch)
 }
 

@@ -257,8 +257,16 @@ async fn main() -> anyhow::Result<()> {
         );
         println!(
             "target p50 < 400 ms: {}; p99 < 1000 ms: {}",
-            if p50 < Duration::from_millis(400) { "met" } else { "NOT met" },
-            if p99 < Duration::from_secs(1) { "met" } else { "NOT met" }
+            if p50 < Duration::from_millis(400) {
+                "met"
+            } else {
+                "NOT met"
+            },
+            if p99 < Duration::from_secs(1) {
+                "met"
+            } else {
+                "NOT met"
+            }
         );
     }
     Ok(())

@@ -140,7 +140,10 @@ keys_path = "{d}/keys"
         for id in 2..=3 {
             c.spawn(id)?;
             let sock = c.socket(id);
-            wait_for("a joining node's socket", || async { status(&sock).await.ok() }).await?;
+            wait_for("a joining node's socket", || async {
+                status(&sock).await.ok()
+            })
+            .await?;
             let addr = c.nodes[(id - 1) as usize].raft_addr.clone();
             let ch = connect(&s1).await?;
             tokio::time::timeout(
@@ -297,7 +300,12 @@ impl Writer {
             .await
             .map_err(|_| "timeout".to_owned())?
             .map_err(|s| s.to_string())?;
-        match r.into_inner().results.first().and_then(|r| r.status.as_ref()) {
+        match r
+            .into_inner()
+            .results
+            .first()
+            .and_then(|r| r.status.as_ref())
+        {
             Some(s) if s.code == 0 => Ok(()),
             Some(s) => Err(format!("item status {}: {}", s.code, s.message)),
             None => Err("no result".into()),
