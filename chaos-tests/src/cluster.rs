@@ -67,6 +67,8 @@ impl ClusterConfig {
 pub struct Node {
     pub id: u64,
     pub raft_addr: String,
+    /// The TLS API agents connect to.
+    pub api_addr: String,
     pub admin_socket: PathBuf,
     config_path: PathBuf,
     log_path: PathBuf,
@@ -108,6 +110,16 @@ pub struct ProcessCluster {
     net: (u8, u8),
     nodes: BTreeMap<u64, Node>,
     spawned: Vec<(u32, PathBuf)>,
+    agents: Vec<Agent>,
+}
+
+/// A `plinth-agent` process attested with a join token.
+#[derive(Debug)]
+pub struct Agent {
+    pub spiffe_id: String,
+    /// Its Workload API socket.
+    pub socket: PathBuf,
+    child: Option<Child>,
 }
 
 impl ProcessCluster {
@@ -121,6 +133,7 @@ impl ProcessCluster {
             net,
             nodes: BTreeMap::new(),
             spawned: Vec::new(),
+            agents: Vec::new(),
         };
         c.spawn_new(1, true)?;
         c.wait_leader(c.cfg.start_timeout).await?;
@@ -175,6 +188,7 @@ impl ProcessCluster {
         let ip = format!("127.{}.{}.{}", self.net.0, self.net.1, id.min(250));
         let port = Self::free_port(&ip)?;
         let raft_addr = format!("{ip}:{port}");
+        let api_port = Self::free_port(&ip)?;
         let base = self.dir.path().join(format!("node{id}"));
         std::fs::create_dir_all(&base)?;
         let admin_socket = base.join("admin.sock");
@@ -186,7 +200,7 @@ trust_domain = "{TRUST_DOMAIN}"
 data_dir = "{b}/data"
 socket_path = "{sock}"
 bind_address = "{ip}"
-bind_port = 0
+bind_port = {api_port}
 log_level = "INFO"
 
 [cluster]
@@ -214,6 +228,7 @@ keys_path = "{b}/keys"
         let node = Node {
             id,
             raft_addr,
+            api_addr: format!("{ip}:{api_port}"),
             admin_socket,
             config_path,
             log_path: base.join("server.log"),
@@ -434,8 +449,122 @@ keys_path = "{b}/keys"
         self.nodes.keys().max().copied().unwrap_or(0) + 1
     }
 
+    /// Starts an agent: a join token made through a live server, the trust bundle, a config
+    /// naming every server's API, and a workload entry under the agent for `workload_uid`.
+    /// Returns the agent's SPIFFE ID and Workload API socket.
+    pub async fn start_agent(
+        &mut self,
+        agent_bin: &Path,
+        workload_spiffe_id: &str,
+        workload_uid: u32,
+    ) -> Result<(String, PathBuf), ClusterError> {
+        use plinth_api::server::agent_service_client::AgentServiceClient;
+        use plinth_api::server::bundle_service_client::BundleServiceClient;
+        use plinth_api::server::entry_service_client::EntryServiceClient;
+        let n = self.agents.len();
+        let via = self.wait_leader(self.cfg.start_timeout).await?;
+        let ch = admin_channel(&self.node(via)?.admin_socket)?;
+        let api = |e: tonic::Status| ClusterError::Api(e.message().to_owned());
+        let token = format!("chaos-agent-{n}-{}", rand::random::<u64>());
+        AgentServiceClient::new(ch.clone())
+            .create_join_token(pb::CreateJoinTokenRequest {
+                ttl: 3600,
+                agent_id: String::new(),
+                token: token.clone(),
+            })
+            .await
+            .map_err(api)?;
+        let bundle = BundleServiceClient::new(ch.clone())
+            .get_bundle(pb::GetBundleRequest {})
+            .await
+            .map_err(api)?
+            .into_inner();
+        let spiffe_id = format!("spiffe://{TRUST_DOMAIN}/spire/agent/join_token/{token}");
+        let created = EntryServiceClient::new(ch)
+            .batch_create_entry(pb::BatchCreateEntryRequest {
+                entries: vec![pb::Entry {
+                    spiffe_id: workload_spiffe_id.to_owned(),
+                    parent_id: spiffe_id.clone(),
+                    selectors: vec![pb::Selector {
+                        r#type: "unix".into(),
+                        value: format!("uid:{workload_uid}"),
+                    }],
+                    ..Default::default()
+                }],
+            })
+            .await
+            .map_err(api)?
+            .into_inner();
+        if let Some(st) = created.results.first().and_then(|r| r.status.as_ref()) {
+            if st.code != 0 {
+                return Err(ClusterError::Api(st.message.clone()));
+            }
+        }
+        let base = self.dir.path().join(format!("agent{n}"));
+        std::fs::create_dir_all(&base)?;
+        let bundle_path = base.join("bundle.pem");
+        std::fs::write(
+            &bundle_path,
+            plinth_spiffe::pem::encode_certs(&bundle.x509_authorities),
+        )?;
+        let servers: Vec<String> = self
+            .nodes
+            .values()
+            .map(|n| format!("{:?}", n.api_addr))
+            .collect();
+        let socket = base.join("workload.sock");
+        let config = base.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"[agent]
+trust_domain = "{TRUST_DOMAIN}"
+server_addresses = [{servers}]
+data_dir = "{b}/data"
+socket_path = "{sock}"
+trust_bundle_path = "{bundle}"
+
+[node_attestor.join_token]
+token = "{token}"
+
+[workload_attestor.unix]
+"#,
+                servers = servers.join(", "),
+                b = base.display(),
+                sock = socket.display(),
+                bundle = bundle_path.display(),
+            ),
+        )?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(base.join("agent.log"))?;
+        let child = Command::new(agent_bin)
+            .arg("run")
+            .arg("-config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        tracing::info!(agent = n, pid = child.id(), "started plinth-agent");
+        self.spawned.push((child.id(), config));
+        self.agents.push(Agent {
+            spiffe_id: spiffe_id.clone(),
+            socket: socket.clone(),
+            child: Some(child),
+        });
+        Ok((spiffe_id, socket))
+    }
+
     /// Kills every process (also paused ones: SIGKILL ends a stopped process).
     pub fn shutdown(&mut self) {
+        for a in &mut self.agents {
+            if let Some(mut c) = a.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
         let ids: Vec<u64> = self.nodes.keys().copied().collect();
         for id in ids {
             let _ = self.kill(id);

@@ -100,6 +100,18 @@ pub struct TokenAttempt {
     pub end_us: u64,
 }
 
+/// One Workload API look through an agent: X509-SVID fetch and the trust domain's bundle
+/// sequence (from FetchJWTBundles' `spiffe_sequence`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkloadSample {
+    pub agent: usize,
+    pub t_us: u64,
+    pub svid_ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub bundle_sequence: Option<u64>,
+}
+
 /// Everything recorded during a run; shared by every client task.
 #[derive(Debug)]
 pub struct History {
@@ -107,6 +119,7 @@ pub struct History {
     entries: Mutex<Vec<EntryOp>>,
     set: Mutex<Vec<SetAdd>>,
     tokens: Mutex<Vec<TokenRace>>,
+    workload: Mutex<Vec<WorkloadSample>>,
     /// Calls that could not even connect (sent nowhere; not part of the history).
     unsent: Mutex<Vec<u64>>,
 }
@@ -118,6 +131,7 @@ impl History {
             entries: Mutex::default(),
             set: Mutex::default(),
             tokens: Mutex::default(),
+            workload: Mutex::default(),
             unsent: Mutex::default(),
         }
     }
@@ -139,6 +153,12 @@ impl History {
     }
     pub fn push_token(&self, t: TokenRace) {
         lock(&self.tokens).push(t);
+    }
+    pub fn push_workload(&self, w: WorkloadSample) {
+        lock(&self.workload).push(w);
+    }
+    pub fn workload(&self) -> Vec<WorkloadSample> {
+        lock(&self.workload).clone()
     }
     pub fn push_unsent(&self, at_us: u64) {
         lock(&self.unsent).push(at_us);

@@ -15,14 +15,23 @@ pub mod workload;
 /// Finds the `plinth-server` binary: `$PLINTH_SERVER_BIN`, else next to the running executable
 /// (the cargo target dir, where test binaries live one level further down in `deps/`).
 pub fn find_server_bin() -> Option<std::path::PathBuf> {
-    if let Some(p) = std::env::var_os("PLINTH_SERVER_BIN") {
+    find_bin("PLINTH_SERVER_BIN", "plinth-server")
+}
+
+/// Finds the `plinth-agent` binary (`$PLINTH_AGENT_BIN`, else as [`find_server_bin`]).
+pub fn find_agent_bin() -> Option<std::path::PathBuf> {
+    find_bin("PLINTH_AGENT_BIN", "plinth-agent")
+}
+
+fn find_bin(env: &str, name: &str) -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os(env) {
         return Some(p.into());
     }
     let exe = std::env::current_exe().ok()?;
     let mut dir = exe.parent();
     for _ in 0..3 {
         let d = dir?;
-        let cand = d.join("plinth-server");
+        let cand = d.join(name);
         if cand.is_file() {
             return Some(cand);
         }

@@ -85,6 +85,19 @@ pub struct Convergence {
     pub unreachable: Vec<u64>,
 }
 
+/// Workloads beside agents (when the run has agents).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WorkloadCheck {
+    pub agents: usize,
+    /// Workload API looks (SVID fetch + bundle).
+    pub looks: usize,
+    /// Failed SVID fetches after the workload first had one.
+    pub errors: usize,
+    pub first_errors: Vec<String>,
+    pub sequences_seen: usize,
+    pub sequence_regressions: Vec<String>,
+}
+
 /// All checks of a run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Checks {
@@ -94,6 +107,8 @@ pub struct Checks {
     pub convergence: Convergence,
     pub recovery_bound_ms: u64,
     pub recovery_within_bound: bool,
+    #[serde(default)]
+    pub workloads: WorkloadCheck,
     /// Empty when every check passed.
     pub failures: Vec<String>,
 }
@@ -202,6 +217,19 @@ impl Report {
             "- first write after each fault within {} ms: {}\n",
             c.recovery_bound_ms, c.recovery_within_bound
         ));
+        if c.workloads.agents > 0 {
+            s.push_str(&format!(
+                "- workloads beside {} agents: {} looks, {} errors with a cached SVID, bundle \
+                 sequence seen {} times, {} decreases\n",
+                c.workloads.agents,
+                c.workloads.looks,
+                c.workloads.errors,
+                c.workloads.sequences_seen,
+                c.workloads.sequence_regressions.len()
+            ));
+        } else {
+            s.push_str("- workloads and bundle sequence: not run (no agents in this run)\n");
+        }
         s.push_str(&format!(
             "\nResult: {}\n",
             if c.passed() { "PASS" } else { "FAIL" }
@@ -452,6 +480,7 @@ mod tests {
                 },
                 recovery_bound_ms: 10_000,
                 recovery_within_bound: true,
+                workloads: WorkloadCheck::default(),
                 failures: vec![],
             },
             series,

@@ -14,6 +14,7 @@ use crate::history::{AttestOutcome, EntryOp, History};
 use crate::linearizability::{self, EntryInput, EntryOutput};
 use crate::report::{
     buckets, Checks, Convergence, FaultWindow, LostWrite, Report, Row, SpawnedProcess, TokenCheck,
+    WorkloadCheck,
 };
 use crate::workload::{self, ClientConfig};
 
@@ -39,6 +40,9 @@ pub struct ScenarioConfig {
     /// within this.
     pub recovery_bound: Duration,
     pub checker_budget: u64,
+    /// Agents to run (each with a workload watching its SVID and bundle); needs `agent_bin`.
+    pub agents: usize,
+    pub agent_bin: Option<PathBuf>,
 }
 
 impl ScenarioConfig {
@@ -57,6 +61,8 @@ impl ScenarioConfig {
             settle: Duration::from_secs(3),
             recovery_bound: Duration::from_secs(20),
             checker_budget: linearizability::DEFAULT_BUDGET,
+            agents: 0,
+            agent_bin: None,
         }
     }
 }
@@ -86,9 +92,13 @@ pub async fn run(cfg: ScenarioConfig) -> Result<Report, ScenarioError> {
     if std::fs::create_dir_all(&logs).is_ok() {
         if let Ok(rd) = std::fs::read_dir(cluster.dir()) {
             for d in rd.flatten() {
-                let from = d.path().join("server.log");
-                let name = format!("{}.log", d.file_name().to_string_lossy());
-                let _ = std::fs::copy(&from, logs.join(name));
+                for f in ["server.log", "agent.log"] {
+                    let from = d.path().join(f);
+                    if from.exists() {
+                        let name = format!("{}.log", d.file_name().to_string_lossy());
+                        let _ = std::fs::copy(&from, logs.join(name));
+                    }
+                }
             }
         }
     }
@@ -130,6 +140,31 @@ async fn drive(
     let (stop_tx, stop_rx) = watch::channel(false);
     let sockets = cluster.sockets();
     let mut tasks = Vec::new();
+    if cfg.agents > 0 {
+        let Some(bin) = &cfg.agent_bin else {
+            return Err(ClusterError::Api(
+                "agents asked for without an agent binary".into(),
+            ));
+        };
+        let uid = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self")?);
+        for a in 0..cfg.agents {
+            let id = format!(
+                "spiffe://{}/chaos/workload/{a}",
+                crate::cluster::TRUST_DOMAIN
+            );
+            let (_, socket) = cluster.start_agent(bin, &id, uid).await?;
+            workload::wait_for_svid(&socket, cfg.cluster.start_timeout)
+                .await
+                .map_err(|e| ClusterError::Timeout(format!("agent {a} serving an SVID: {e}")))?;
+            tasks.push(tokio::spawn(workload::workload_watcher(
+                a,
+                socket,
+                Duration::from_millis(250),
+                history.clone(),
+                stop_rx.clone(),
+            )));
+        }
+    }
     for c in 0..cfg.clients {
         tasks.push(tokio::spawn(workload::register_client(
             c,
@@ -457,6 +492,56 @@ fn analyse(
         ));
     }
 
+    // Workloads beside agents: no error once they had an SVID; bundle sequence never down.
+    let mut wc = WorkloadCheck {
+        agents: cfg.agents,
+        ..Default::default()
+    };
+    for a in 0..cfg.agents {
+        let mut had_svid = false;
+        let mut last_seq: Option<u64> = None;
+        for w in history.workload().iter().filter(|w| w.agent == a) {
+            wc.looks += 1;
+            if w.svid_ok {
+                had_svid = true;
+            } else if had_svid {
+                wc.errors += 1;
+                if wc.first_errors.len() < 5 {
+                    wc.first_errors.push(format!(
+                        "agent {a} at {:.1}s: {}",
+                        secs(w.t_us),
+                        w.error.clone().unwrap_or_default()
+                    ));
+                }
+            }
+            if let Some(seq) = w.bundle_sequence {
+                wc.sequences_seen += 1;
+                if let Some(prev) = last_seq {
+                    if seq < prev {
+                        wc.sequence_regressions.push(format!(
+                            "agent {a} at {:.1}s: {prev} -> {seq}",
+                            secs(w.t_us)
+                        ));
+                    }
+                }
+                last_seq = Some(last_seq.map_or(seq, |p| p.max(seq)));
+            }
+        }
+    }
+    if wc.errors > 0 {
+        failures.push(format!(
+            "workloads saw {} errors with cached SVIDs: {}",
+            wc.errors,
+            wc.first_errors.join("; ")
+        ));
+    }
+    if !wc.sequence_regressions.is_empty() {
+        failures.push(format!(
+            "bundle sequence went down: {}",
+            wc.sequence_regressions.join("; ")
+        ));
+    }
+
     // Recovery.
     let recovery_ok = windows.iter().all(|w| w.within_bound && w.error.is_none());
     for w in &windows {
@@ -571,6 +656,7 @@ fn analyse(
             convergence: conv,
             recovery_bound_ms: u64::try_from(cfg.recovery_bound.as_millis()).unwrap_or(u64::MAX),
             recovery_within_bound: recovery_ok,
+            workloads: wc,
             failures,
         },
         series: buckets(&samples, duration_s),

@@ -20,7 +20,9 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
 use crate::cluster::TRUST_DOMAIN;
-use crate::history::{AttestOutcome, EntryOp, History, SetAdd, TokenAttempt, TokenRace};
+use crate::history::{
+    AttestOutcome, EntryOp, History, SetAdd, TokenAttempt, TokenRace, WorkloadSample,
+};
 use crate::linearizability::{EntryInput, EntryOutput};
 
 /// Client-side limits.
@@ -541,4 +543,90 @@ pub async fn final_read(
         token = r.next_page_token;
     }
     None
+}
+
+/// One Workload API look: the first X509-SVID message, and our trust domain's bundle sequence.
+async fn workload_look(socket: &Path, timeout: Duration) -> (Result<(), String>, Option<u64>) {
+    use plinth_api::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+    use plinth_api::workload::{JwtBundlesRequest, X509svidRequest};
+    let Some(ch) = connect(socket).await else {
+        return (Err("agent socket: connect failed".into()), None);
+    };
+    fn req<M>(m: M) -> tonic::Request<M> {
+        let mut r = tonic::Request::new(m);
+        r.metadata_mut().insert(
+            plinth_api::workload::SECURITY_HEADER,
+            tonic::metadata::MetadataValue::from_static("true"),
+        );
+        r
+    }
+    let mut c = SpiffeWorkloadApiClient::new(ch);
+    let svid = tokio::time::timeout(timeout, async {
+        let mut s = c
+            .fetch_x509svid(req(X509svidRequest {}))
+            .await?
+            .into_inner();
+        s.message().await
+    })
+    .await;
+    let svid = match svid {
+        Err(_) => Err("FetchX509SVID: timeout".to_string()),
+        Ok(Err(e)) => Err(format!("FetchX509SVID: {:?}: {}", e.code(), e.message())),
+        Ok(Ok(None)) => Err("FetchX509SVID: stream ended".into()),
+        Ok(Ok(Some(m))) if m.svids.is_empty() => Err("FetchX509SVID: no SVID".into()),
+        Ok(Ok(Some(_))) => Ok(()),
+    };
+    let seq = tokio::time::timeout(timeout, async {
+        let mut s = c
+            .fetch_jwt_bundles(req(JwtBundlesRequest {}))
+            .await
+            .ok()?
+            .into_inner();
+        let m = s.message().await.ok()??;
+        let doc = m.bundles.get(&format!("spiffe://{TRUST_DOMAIN}"))?;
+        let v: serde_json::Value = serde_json::from_slice(doc).ok()?;
+        v.get("spiffe_sequence")?.as_u64()
+    })
+    .await
+    .ok()
+    .flatten();
+    (svid, seq)
+}
+
+/// A workload beside an agent: looks at its SVID and bundle every `every` until `stop`.
+pub async fn workload_watcher(
+    agent: usize,
+    socket: PathBuf,
+    every: Duration,
+    history: Arc<History>,
+    mut stop: watch::Receiver<bool>,
+) {
+    while !*stop.borrow() {
+        let (svid, seq) = workload_look(&socket, Duration::from_secs(3)).await;
+        history.push_workload(WorkloadSample {
+            agent,
+            t_us: history.now_us(),
+            svid_ok: svid.is_ok(),
+            error: svid.err(),
+            bundle_sequence: seq,
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
+/// Waits (bounded) until a workload gets an SVID through the agent at `socket`.
+pub async fn wait_for_svid(socket: &Path, bound: Duration) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + bound;
+    let mut last = String::new();
+    while tokio::time::Instant::now() < deadline {
+        match workload_look(socket, Duration::from_secs(3)).await {
+            (Ok(()), _) => return Ok(()),
+            (Err(e), _) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Err(last)
 }

@@ -42,6 +42,14 @@ struct Args {
     /// The stated recovery bound in seconds: a write commits this soon after a fault.
     #[arg(long, default_value_t = 20)]
     recovery_bound: u64,
+    /// Agents to run beside the servers, each with a workload watching its SVID and bundle
+    /// (0: none). Needs the plinth-agent binary (--agent-bin, $PLINTH_AGENT_BIN, or next to
+    /// this binary).
+    #[arg(long, default_value_t = 2)]
+    agents: usize,
+    /// The plinth-agent binary.
+    #[arg(long)]
+    agent_bin: Option<PathBuf>,
     /// Run the servers in containers (not implemented yet: processes only).
     #[arg(long)]
     docker: bool,
@@ -65,6 +73,14 @@ async fn real_main() -> anyhow::Result<bool> {
     cfg.hold = Duration::from_secs(a.hold);
     cfg.settle = Duration::from_secs(a.settle);
     cfg.recovery_bound = Duration::from_secs(a.recovery_bound);
+    cfg.agents = a.agents;
+    if a.agents > 0 {
+        cfg.agent_bin = Some(
+            a.agent_bin
+                .or_else(plinth_chaos::find_agent_bin)
+                .context("no plinth-agent binary: pass --agent-bin, or --agents 0")?,
+        );
+    }
     // Ctrl-C / SIGTERM: drop the run, which kills every server process it started.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let report = tokio::select! {
