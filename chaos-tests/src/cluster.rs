@@ -48,6 +48,8 @@ pub struct ClusterConfig {
     pub heartbeat_interval_ms: u64,
     /// How long to wait for a node to come up or a membership change to finish.
     pub start_timeout: Duration,
+    /// Run the servers in containers on a private Docker network (adds partitions).
+    pub docker: bool,
 }
 
 impl ClusterConfig {
@@ -58,6 +60,7 @@ impl ClusterConfig {
             election_timeout_max_ms: 1000,
             heartbeat_interval_ms: 100,
             start_timeout: Duration::from_secs(60),
+            docker: false,
         }
     }
 }
@@ -73,12 +76,20 @@ pub struct Node {
     config_path: PathBuf,
     log_path: PathBuf,
     child: Option<Child>,
+    /// Docker mode: the container runs.
+    container_up: bool,
+    /// Docker mode: the container was created (restart with `docker start`).
+    container_made: bool,
     paused: bool,
+    partitioned: bool,
 }
 
 impl Node {
     pub fn running(&self) -> bool {
-        self.child.is_some()
+        self.child.is_some() || self.container_up
+    }
+    pub fn partitioned(&self) -> bool {
+        self.partitioned
     }
     pub fn paused(&self) -> bool {
         self.paused
@@ -111,6 +122,7 @@ pub struct ProcessCluster {
     nodes: BTreeMap<u64, Node>,
     spawned: Vec<(u32, PathBuf)>,
     agents: Vec<Agent>,
+    docker: Option<crate::docker::DockerRun>,
 }
 
 /// A `plinth-agent` process attested with a join token.
@@ -134,7 +146,12 @@ impl ProcessCluster {
             nodes: BTreeMap::new(),
             spawned: Vec::new(),
             agents: Vec::new(),
+            docker: None,
         };
+        if c.cfg.docker {
+            let image = crate::docker::build_server_image(&c.cfg.server_bin)?;
+            c.docker = Some(crate::docker::DockerRun::create(image)?);
+        }
         c.spawn_new(1, true)?;
         c.wait_leader(c.cfg.start_timeout).await?;
         for id in 2..=n {
@@ -170,11 +187,11 @@ impl ProcessCluster {
             .collect()
     }
 
-    /// Nodes that run and are not paused.
+    /// Nodes that run, are not paused and not partitioned away.
     pub fn live(&self) -> Vec<u64> {
         self.nodes
             .values()
-            .filter(|n| n.running() && !n.paused)
+            .filter(|n| n.running() && !n.paused && !n.partitioned)
             .map(|n| n.id)
             .collect()
     }
@@ -185,27 +202,55 @@ impl ProcessCluster {
     }
 
     fn spawn_new(&mut self, id: u64, bootstrap: bool) -> Result<(), ClusterError> {
-        let ip = format!("127.{}.{}.{}", self.net.0, self.net.1, id.min(250));
-        let port = Self::free_port(&ip)?;
-        let raft_addr = format!("{ip}:{port}");
-        let api_port = Self::free_port(&ip)?;
         let base = self.dir.path().join(format!("node{id}"));
         std::fs::create_dir_all(&base)?;
-        let admin_socket = base.join("admin.sock");
         let config_path = base.join("server.toml");
+        // Addresses and paths as the server sees them, and as the harness reaches them.
+        let (ip, raft_port, api_port, bind_ip, data, sock, admin_socket) = match &self.docker {
+            None => {
+                let ip = format!("127.{}.{}.{}", self.net.0, self.net.1, id.min(250));
+                let raft_port = Self::free_port(&ip)?;
+                let api_port = Self::free_port(&ip)?;
+                let sock = base.join("admin.sock");
+                (
+                    ip.clone(),
+                    raft_port,
+                    api_port,
+                    ip,
+                    base.display().to_string(),
+                    sock.display().to_string(),
+                    sock,
+                )
+            }
+            Some(d) => {
+                std::fs::create_dir_all(base.join("data"))?;
+                std::fs::create_dir_all(base.join("admin"))?;
+                (
+                    d.ip(id),
+                    8082,
+                    8081,
+                    "0.0.0.0".to_string(),
+                    "/var/lib/plinth".to_string(),
+                    "/run/plinth/server/api.sock".to_string(),
+                    base.join("admin").join("api.sock"),
+                )
+            }
+        };
+        let raft_addr = format!("{ip}:{raft_port}");
         let c = &self.cfg;
         let text = format!(
             r#"[server]
 trust_domain = "{TRUST_DOMAIN}"
-data_dir = "{b}/data"
+data_dir = "{data}/data"
 socket_path = "{sock}"
-bind_address = "{ip}"
+bind_address = "{bind_ip}"
 bind_port = {api_port}
 log_level = "INFO"
 
 [cluster]
 node_id = {id}
-bind_address = "{raft_addr}"
+bind_address = "{bind_ip}:{raft_port}"
+advertise_address = "{raft_addr}"
 bootstrap = {bootstrap}
 insecure_plaintext = true
 election_timeout_min_ms = {emin}
@@ -214,12 +259,10 @@ heartbeat_interval_ms = {hb}
 
 [key_manager]
 type = "disk"
-keys_path = "{b}/keys"
+keys_path = "{data}/keys"
 
 [node_attestor.join_token]
 "#,
-            b = base.display(),
-            sock = admin_socket.display(),
             emin = c.election_timeout_min_ms,
             emax = c.election_timeout_max_ms,
             hb = c.heartbeat_interval_ms,
@@ -233,7 +276,10 @@ keys_path = "{b}/keys"
             config_path,
             log_path: base.join("server.log"),
             child: None,
+            container_up: false,
+            container_made: false,
             paused: false,
+            partitioned: false,
         };
         self.nodes.insert(id, node);
         self.spawn(id)
@@ -245,7 +291,24 @@ keys_path = "{b}/keys"
             .nodes
             .get_mut(&id)
             .ok_or(ClusterError::UnknownNode(id))?;
-        if node.child.is_some() {
+        if node.running() {
+            return Ok(());
+        }
+        if let Some(d) = &mut self.docker {
+            if node.container_made {
+                d.start(id)?;
+            } else {
+                let base = node
+                    .config_path
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default();
+                d.run_server(id, &base)?;
+                node.container_made = true;
+            }
+            tracing::info!(node = id, container = %d.container(id), "started plinth-server container");
+            node.container_up = true;
+            node.paused = false;
             return Ok(());
         }
         let log = std::fs::OpenOptions::new()
@@ -272,7 +335,10 @@ keys_path = "{b}/keys"
         let Some(n) = self.nodes.get(&id) else {
             return String::new();
         };
-        let text = std::fs::read_to_string(&n.log_path).unwrap_or_default();
+        let text = match &self.docker {
+            Some(d) => d.logs(id),
+            None => std::fs::read_to_string(&n.log_path).unwrap_or_default(),
+        };
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
     }
@@ -391,6 +457,10 @@ keys_path = "{b}/keys"
             return Err(ClusterError::Timeout(format!("removing node {id}: {last}")));
         }
         self.kill(id)?;
+        self.save_container_log(id);
+        if let Some(d) = &mut self.docker {
+            let _ = d.remove(id);
+        }
         self.nodes.remove(&id);
         Ok(())
     }
@@ -404,8 +474,76 @@ keys_path = "{b}/keys"
         Ok(())
     }
 
+    /// Docker mode: copies a container's log to the node's server.log.
+    fn save_container_log(&self, id: u64) {
+        if let (Some(d), Some(n)) = (&self.docker, self.nodes.get(&id)) {
+            let _ = std::fs::write(&n.log_path, d.logs(id));
+        }
+    }
+
+    /// Whether the servers run in containers.
+    pub fn is_docker(&self) -> bool {
+        self.docker.is_some()
+    }
+
+    /// Containers (Docker mode) still present.
+    pub fn containers(&self) -> Vec<String> {
+        self.docker
+            .as_ref()
+            .map(|d| d.containers().to_vec())
+            .unwrap_or_default()
+    }
+
+    /// The Docker network name prefix of this run (Docker mode).
+    pub fn docker_prefix(&self) -> Option<String> {
+        self.docker.as_ref().map(|d| d.prefix.clone())
+    }
+
+    /// Docker mode: disconnects a node from the cluster network (it keeps running, alone).
+    pub fn partition(&mut self, id: u64) -> Result<(), ClusterError> {
+        let Some(d) = &self.docker else {
+            return Err(ClusterError::Api(
+                "partitions need the Docker mode (--docker)".into(),
+            ));
+        };
+        d.disconnect(id)?;
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.partitioned = true;
+        }
+        tracing::info!(node = id, "partitioned (network disconnect)");
+        Ok(())
+    }
+
+    /// Docker mode: connects a partitioned node again.
+    pub fn unpartition(&mut self, id: u64) -> Result<(), ClusterError> {
+        if let Some(d) = &self.docker {
+            d.connect(id)?;
+        }
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.partitioned = false;
+        }
+        tracing::info!(node = id, "partition healed (network connect)");
+        Ok(())
+    }
+
     /// kill -9 and reap.
     pub fn kill(&mut self, id: u64) -> Result<(), ClusterError> {
+        if let Some(d) = &self.docker {
+            let node = self
+                .nodes
+                .get_mut(&id)
+                .ok_or(ClusterError::UnknownNode(id))?;
+            if node.container_up {
+                if node.paused {
+                    let _ = d.unpause(id);
+                }
+                d.kill(id)?;
+                node.container_up = false;
+                tracing::info!(node = id, "killed container (SIGKILL)");
+            }
+            node.paused = false;
+            return Ok(());
+        }
         let node = self
             .nodes
             .get_mut(&id)
@@ -419,9 +557,12 @@ keys_path = "{b}/keys"
         Ok(())
     }
 
-    /// SIGSTOP: the node neither answers nor acts until resumed.
+    /// SIGSTOP (Docker: `docker pause`): the node neither answers nor acts until resumed.
     pub fn pause(&mut self, id: u64) -> Result<(), ClusterError> {
-        self.signal(id, Signal::SIGSTOP)?;
+        match &self.docker {
+            Some(d) => d.pause(id)?,
+            None => self.signal(id, Signal::SIGSTOP)?,
+        }
         if let Some(n) = self.nodes.get_mut(&id) {
             n.paused = true;
         }
@@ -429,9 +570,12 @@ keys_path = "{b}/keys"
         Ok(())
     }
 
-    /// SIGCONT.
+    /// SIGCONT (Docker: `docker unpause`).
     pub fn resume(&mut self, id: u64) -> Result<(), ClusterError> {
-        self.signal(id, Signal::SIGCONT)?;
+        match &self.docker {
+            Some(d) => d.unpause(id)?,
+            None => self.signal(id, Signal::SIGCONT)?,
+        }
         if let Some(n) = self.nodes.get_mut(&id) {
             n.paused = false;
         }
@@ -559,6 +703,18 @@ token = "{token}"
 
     /// Kills every process (also paused ones: SIGKILL ends a stopped process).
     pub fn shutdown(&mut self) {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        if self.docker.is_some() {
+            for id in &ids {
+                self.save_container_log(*id);
+            }
+        }
+        if let Some(d) = &mut self.docker {
+            d.cleanup();
+            for n in self.nodes.values_mut() {
+                n.container_up = false;
+            }
+        }
         for a in &mut self.agents {
             if let Some(mut c) = a.child.take() {
                 let _ = c.kill();

@@ -24,6 +24,11 @@ pub enum Fault {
     RestartAll,
     /// With a follower paused: start a new server, add it as a voter, remove it again.
     MemberChange,
+    /// Docker mode: disconnect the leader from the network (it keeps running, a minority of
+    /// one, and clients still reach it through its admin socket), then reconnect it.
+    PartitionLeader,
+    /// Docker mode: disconnect a follower, then reconnect it.
+    PartitionFollower,
 }
 
 impl Fault {
@@ -35,6 +40,13 @@ impl Fault {
         Fault::RestartAll,
     ];
 
+    /// Faults that need the Docker mode (a network to cut).
+    pub const DOCKER: [Fault; 2] = [Fault::PartitionLeader, Fault::PartitionFollower];
+
+    pub fn needs_docker(self) -> bool {
+        Fault::DOCKER.contains(&self)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Fault::KillLeader => "kill-leader",
@@ -42,6 +54,8 @@ impl Fault {
             Fault::PauseFollower => "pause-follower",
             Fault::RestartAll => "restart-all",
             Fault::MemberChange => "member-change",
+            Fault::PartitionLeader => "partition-leader",
+            Fault::PartitionFollower => "partition-follower",
         }
     }
 
@@ -57,9 +71,14 @@ impl FromStr for Fault {
     fn from_str(s: &str) -> Result<Self, String> {
         Fault::ALL
             .into_iter()
+            .chain(Fault::DOCKER)
             .find(|f| f.name() == s)
             .ok_or_else(|| {
-                let names: Vec<&str> = Fault::ALL.iter().map(|f| f.name()).collect();
+                let names: Vec<&str> = Fault::ALL
+                    .iter()
+                    .chain(Fault::DOCKER.iter())
+                    .map(|f| f.name())
+                    .collect();
                 format!("unknown fault {s:?} (one of: {})", names.join(", "))
             })
     }
@@ -96,6 +115,15 @@ pub async fn inject(
         Fault::PauseFollower => {
             let f = follower.ok_or_else(|| ClusterError::Api("no live follower".into()))?;
             cluster.pause(f)?;
+            vec![f]
+        }
+        Fault::PartitionLeader => {
+            cluster.partition(leader)?;
+            vec![leader]
+        }
+        Fault::PartitionFollower => {
+            let f = follower.ok_or_else(|| ClusterError::Api("no live follower".into()))?;
+            cluster.partition(f)?;
             vec![f]
         }
         Fault::RestartAll => {
@@ -137,6 +165,7 @@ pub fn heal(cluster: &mut ProcessCluster, inj: &Injected) -> Result<(), ClusterE
             Fault::PauseLeader | Fault::PauseFollower | Fault::MemberChange => {
                 cluster.resume(*id)?
             }
+            Fault::PartitionLeader | Fault::PartitionFollower => cluster.unpartition(*id)?,
         }
     }
     Ok(())
@@ -149,9 +178,11 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for f in Fault::ALL {
+        for f in Fault::ALL.into_iter().chain(Fault::DOCKER) {
             assert_eq!(f.name().parse::<Fault>().unwrap(), f);
         }
+        assert!(Fault::PartitionLeader.needs_docker());
+        assert!(!Fault::KillLeader.needs_docker());
         assert!("partition-everything".parse::<Fault>().is_err());
     }
 }

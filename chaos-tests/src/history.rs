@@ -20,6 +20,10 @@ pub struct EntryOp {
     /// Why it failed or is indeterminate.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Known not to have taken effect although no definite answer came: the server reported
+    /// that it could not even open a connection to forward the call to the leader.
+    #[serde(default)]
+    pub not_applied: bool,
     pub call_us: u64,
     /// When the client stopped waiting (also for indeterminate operations).
     pub end_us: u64,
@@ -41,6 +45,12 @@ impl EntryOp {
             (&self.input, &self.output),
             (EntryInput::Read, Some(_)) | (_, Some(EntryOutput::Ok))
         )
+    }
+
+    /// Part of the history the checker sees: everything except failed reads (which changed
+    /// nothing and returned nothing) and writes known not to have been applied.
+    pub fn checked(&self) -> bool {
+        !self.not_applied && (self.is_write() || self.output.is_some())
     }
 
     /// The operation as the checker sees it (indeterminate: return at infinity).

@@ -5,6 +5,7 @@
 //! wire, as a user would).
 
 pub mod cluster;
+pub mod docker;
 pub mod faults;
 pub mod history;
 pub mod linearizability;

@@ -145,6 +145,10 @@ pub struct Report {
     pub notes: Vec<String>,
     /// Every server process the run started (all gone when the run returns).
     pub processes: Vec<SpawnedProcess>,
+    /// Docker mode: the name prefix of every container and network the run created (all
+    /// removed when the run returns).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_prefix: Option<String>,
 }
 
 /// A process the harness started.
@@ -246,6 +250,13 @@ impl Report {
         s
     }
 
+    /// Reads `dir/report.json` back.
+    pub fn read(dir: &Path) -> Result<Self, ReportError> {
+        Ok(serde_json::from_slice(&std::fs::read(
+            dir.join("report.json"),
+        )?)?)
+    }
+
     /// Writes report.json, summary.md and timeline.png into `dir`.
     pub fn write(&self, dir: &Path) -> Result<(), ReportError> {
         std::fs::create_dir_all(dir)?;
@@ -269,7 +280,7 @@ impl Report {
             .iter()
             .map(|b| b.started.max(b.acknowledged) as f64)
             .fold(1.0, f64::max)
-            * 1.15;
+            * 1.3;
         let mut ch = ChartBuilder::on(&top)
             .caption(
                 "throughput, ops/s (blue: acknowledged, red: failed or indeterminate; shaded: faults)",
@@ -286,16 +297,23 @@ impl Report {
             .label_style(("sans-serif", 15))
             .draw()
             .map_err(|x| e(&x))?;
-        for w in &self.windows {
+        // Many windows: short labels on three staggered rows so that neighbours do not overlap.
+        let crowded = self.windows.len() > 6;
+        for (i, w) in self.windows.iter().enumerate() {
             ch.draw_series(std::iter::once(Rectangle::new(
                 [(w.start_s, 0.0), (w.heal_s.max(w.start_s + 0.2), y_tp)],
                 shade.filled(),
             )))
             .map_err(|x| e(&x))?;
+            let (label, row) = if crowded {
+                (short_label(&w.fault), (i % 3) as f64)
+            } else {
+                (w.fault.clone(), 0.0)
+            };
             ch.draw_series(std::iter::once(Text::new(
-                w.fault.clone(),
-                (w.start_s, y_tp * 0.97),
-                ("sans-serif", 15).into_font().color(&RGBColor(150, 30, 20)),
+                label,
+                (w.start_s, y_tp * (0.985 - 0.045 * row)),
+                ("sans-serif", 14).into_font().color(&RGBColor(150, 30, 20)),
             )))
             .map_err(|x| e(&x))?;
         }
@@ -355,6 +373,16 @@ impl Report {
             .map_err(|x| e(&x))?;
         root.present().map_err(|x| e(&x))?;
         Ok(())
+    }
+}
+
+/// A fault's name shortened for a crowded plot ("kill-leader" -> "kill-L").
+fn short_label(fault: &str) -> String {
+    match fault.split_once('-') {
+        Some((verb, "leader")) => format!("{verb}-L"),
+        Some((verb, "follower")) => format!("{verb}-F"),
+        Some((verb, _)) => verb.to_owned(),
+        None => fault.to_owned(),
     }
 }
 
@@ -486,7 +514,16 @@ mod tests {
             series,
             notes: vec![],
             processes: vec![],
+            docker_prefix: None,
         }
+    }
+
+    #[test]
+    fn short_labels() {
+        assert_eq!(short_label("kill-leader"), "kill-L");
+        assert_eq!(short_label("partition-follower"), "partition-F");
+        assert_eq!(short_label("member-change"), "member");
+        assert_eq!(short_label("restart-all"), "restart");
     }
 
     #[test]

@@ -102,6 +102,7 @@ pub async fn run(cfg: ScenarioConfig) -> Result<Report, ScenarioError> {
             }
         }
     }
+    let docker_prefix = cluster.docker_prefix();
     cluster.shutdown();
     let processes = cluster
         .spawned()
@@ -114,6 +115,7 @@ pub async fn run(cfg: ScenarioConfig) -> Result<Report, ScenarioError> {
     let (windows, finals, notes) = result?;
     let mut report = analyse(&cfg, &history, windows, finals, notes, start.elapsed());
     report.processes = processes;
+    report.docker_prefix = docker_prefix;
     report.write(&cfg.results_dir)?;
     // The raw history, for a second look.
     let mut lines = String::new();
@@ -375,7 +377,7 @@ fn analyse(
     // Linearizability over every register operation (failed reads changed nothing).
     let checked = entries
         .iter()
-        .filter(|o| o.is_write() || o.output.is_some())
+        .filter(|o| o.checked())
         .map(|o| (o.key.as_str(), o.to_operation()));
     let lin = linearizability::check_entries(checked, cfg.checker_budget);
     match lin.verdict {
@@ -563,11 +565,26 @@ fn analyse(
             history.unsent().len()
         ));
     }
-    notes.push(
-        "process mode: SIGSTOP of a whole node stands in for partitioning it away (leader into \
-         the minority, or a follower); one-way and lossy links need the --docker mode"
-            .into(),
-    );
+    notes.push(format!(
+        "a client whose call hangs (a paused or cut-off server) waits {} ms before it calls the \
+         outcome unknown and avoids that server for a while: throughput dips in and just after \
+         such windows are partly this client behaviour",
+        cfg.client.op_timeout.as_millis()
+    ));
+    if cfg.cluster.docker {
+        notes.push(
+            "docker mode: partitions disconnect a container from the cluster network (the \
+             node keeps running and clients still reach its admin socket); one-way and lossy \
+             links are not injected yet"
+                .into(),
+        );
+    } else {
+        notes.push(
+            "process mode: SIGSTOP of a whole node stands in for partitioning it away (leader \
+             into the minority, or a follower); real partitions need the --docker mode"
+                .into(),
+        );
+    }
 
     // Rows: warm-up, then one per fault (until the next fault), then the total.
     let client_ops: Vec<&EntryOp> = entries.iter().filter(|o| o.client != usize::MAX).collect();
@@ -615,7 +632,10 @@ fn analyse(
                 operations: ops.len() + sets.len(),
                 acknowledged: ops.iter().filter(|o| o.acknowledged()).count()
                     + sets.iter().filter(|s| s.acknowledged).count(),
-                indeterminate: ops.iter().filter(|o| o.is_write() && !o.definite()).count(),
+                indeterminate: ops
+                    .iter()
+                    .filter(|o| o.is_write() && !o.definite() && !o.not_applied)
+                    .count(),
                 lost: lost_n,
                 anomalies: lost_n + tok_anom,
                 recovery_ms: *rec,
@@ -642,7 +662,11 @@ fn analyse(
     samples.extend(set.iter().map(|s| (s.call_us, s.end_us, s.acknowledged)));
 
     Report {
-        mode: "processes".into(),
+        mode: if cfg.cluster.docker {
+            "docker".into()
+        } else {
+            "processes".into()
+        },
         nodes: cfg.nodes,
         clients: cfg.clients,
         duration_s,
@@ -662,6 +686,7 @@ fn analyse(
         series: buckets(&samples, duration_s),
         notes,
         processes: Vec::new(),
+        docker_prefix: None,
     }
 }
 
@@ -688,6 +713,7 @@ mod tests {
             input,
             output,
             error: None,
+            not_applied: false,
             call_us: call,
             end_us: end,
         }

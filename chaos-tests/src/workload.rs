@@ -102,6 +102,13 @@ fn item_outcome(code: i32) -> Option<EntryOutput> {
     }
 }
 
+/// An error that proves the call never reached the leader: the server could not open a TCP
+/// connection to forward it (plinth-raft's `NodeError::Unreachable` with tonic's connect error).
+/// Any other failure leaves the outcome unknown.
+pub fn never_forwarded(error: &str) -> bool {
+    error.contains("is unreachable") && error.contains("tcp connect error")
+}
+
 /// Runs one entry operation against one server; returns (output, error text).
 async fn entry_call(
     ch: Channel,
@@ -257,6 +264,7 @@ pub async fn register_client(
             key: key_id(key),
             input,
             output,
+            not_applied: error.as_deref().is_some_and(never_forwarded),
             error,
             call_us,
             end_us,
@@ -516,6 +524,7 @@ pub async fn final_read(
             input: EntryInput::Read,
             output,
             error,
+            not_applied: false,
             call_us,
             end_us: history.now_us(),
         });
@@ -629,4 +638,24 @@ pub async fn wait_for_svid(socket: &Path, bound: Duration) -> Result<(), String>
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     Err(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_failed_forward_connection_is_known_not_applied() {
+        assert!(never_forwarded(
+            "item 14: node 1 is unreachable: code: 'The service is currently unavailable', \
+             message: \"tcp connect error\""
+        ));
+        assert!(!never_forwarded(
+            "item 14: node 1 is unreachable: transport error"
+        ));
+        assert!(!never_forwarded("timeout"));
+        assert!(!never_forwarded(
+            "item 14: the cluster did not answer in time"
+        ));
+    }
 }

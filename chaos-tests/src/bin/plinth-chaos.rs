@@ -27,7 +27,8 @@ struct Args {
     #[arg(long)]
     duration: Option<u64>,
     /// Faults to inject, in order (comma-separated): kill-leader, pause-leader,
-    /// pause-follower, member-change, restart-all. Default: all.
+    /// pause-follower, member-change, restart-all; with --docker also partition-leader,
+    /// partition-follower. Default: all of them.
     #[arg(long, value_delimiter = ',')]
     faults: Vec<Fault>,
     /// Register clients.
@@ -50,23 +51,37 @@ struct Args {
     /// The plinth-agent binary.
     #[arg(long)]
     agent_bin: Option<PathBuf>,
-    /// Run the servers in containers (not implemented yet: processes only).
+    /// Only re-render summary.md and timeline.png of the report in --results (no run).
+    #[arg(long)]
+    render: bool,
+    /// Run the servers in containers on a private Docker network (the image is built from
+    /// the server binary; nothing is pulled). Adds the partition faults to the default list.
     #[arg(long)]
     docker: bool,
 }
 
 async fn real_main() -> anyhow::Result<bool> {
     let a = Args::parse();
-    if a.docker {
-        anyhow::bail!("--docker is not implemented yet; run without it (local processes)");
+    if a.render {
+        let r = plinth_chaos::report::Report::read(&a.results)?;
+        r.write(&a.results)?;
+        print!("{}", r.summary());
+        return Ok(r.passed());
     }
     let bin = a
         .server_bin
         .or_else(plinth_chaos::find_server_bin)
         .context("no plinth-server binary: pass --server-bin or set PLINTH_SERVER_BIN")?;
     let mut cfg = ScenarioConfig::smoke(bin, a.results.clone());
+    cfg.cluster.docker = a.docker;
+    if a.docker {
+        cfg.faults.extend(Fault::DOCKER);
+    }
     if !a.faults.is_empty() {
         cfg.faults = a.faults;
+    }
+    if let Some(f) = cfg.faults.iter().find(|f| f.needs_docker() && !a.docker) {
+        anyhow::bail!("fault {} needs --docker", f.name());
     }
     cfg.duration = a.duration.map(Duration::from_secs);
     cfg.clients = a.clients.max(1);

@@ -1,0 +1,78 @@
+#![allow(clippy::unwrap_used)]
+//! Docker mode: the three servers in containers on a private network the test creates, the
+//! image built from the server binary by `docker import` (nothing pulled). The leader, then a
+//! follower, is disconnected from the network while clients keep calling every server's admin
+//! socket (also the cut-off one's); then a kill -9 of the leader container. Every check must
+//! pass, and no container or network of the run may remain.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use plinth_chaos::faults::Fault;
+use plinth_chaos::scenario::{self, ScenarioConfig};
+
+fn server_bin() -> PathBuf {
+    if let Some(p) = plinth_chaos::find_server_bin() {
+        return p;
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .args(["build", "-p", "plinth-server", "--bin", "plinth-server"])
+        .status()
+        .unwrap();
+    assert!(st.success(), "building plinth-server failed");
+    plinth_chaos::find_server_bin().expect("plinth-server not found after building it")
+}
+
+fn docker_names(kind: &[&str], format: &str, prefix: &str) -> String {
+    let mut args: Vec<&str> = kind.to_vec();
+    let filter = format!("name={prefix}");
+    args.extend(["--filter", &filter, "--format", format]);
+    let out = Command::new("docker").args(&args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t30_docker_partitions() {
+    assert!(
+        plinth_chaos::docker::available(),
+        "this test needs a Docker engine (the CI machine has one)"
+    );
+    let results = tempfile::tempdir().unwrap();
+    let mut cfg = ScenarioConfig::smoke(server_bin(), results.path().to_owned());
+    cfg.cluster.docker = true;
+    cfg.clients = 2;
+    cfg.faults = vec![
+        Fault::PartitionLeader,
+        Fault::PartitionFollower,
+        Fault::KillLeader,
+    ];
+    let report = scenario::run(cfg).await.unwrap();
+    let summary = report.summary();
+    println!("{summary}");
+    assert!(report.passed(), "chaos checks failed:\n{summary}");
+    assert_eq!(report.mode, "docker");
+    let names: Vec<&str> = report.windows.iter().map(|w| w.fault.as_str()).collect();
+    assert_eq!(
+        names,
+        ["partition-leader", "partition-follower", "kill-leader"]
+    );
+    assert!(report.rows.iter().all(|r| r.acknowledged > 0), "{summary}");
+
+    let prefix = report.docker_prefix.clone().unwrap();
+    assert_eq!(
+        docker_names(&["ps", "-a"], "{{.Names}}", &prefix),
+        "",
+        "containers left"
+    );
+    assert_eq!(
+        docker_names(&["network", "ls"], "{{.Name}}", &prefix),
+        "",
+        "network left"
+    );
+}
