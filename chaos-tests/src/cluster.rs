@@ -343,6 +343,31 @@ keys_path = "{data}/keys"
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// Waits (bounded) until the node's log (since its latest start) contains `needle`.
+    pub async fn wait_log(&self, id: u64, needle: &str, timeout: Duration) -> bool {
+        let Some(n) = self.nodes.get(&id) else {
+            return false;
+        };
+        let read = || match &self.docker {
+            Some(d) => d.logs(id),
+            None => std::fs::read_to_string(&n.log_path).unwrap_or_default(),
+        };
+        // Only what is written from now on (call this right after starting the node).
+        let skip = read().len();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let text = read();
+            if text
+                .get(skip.min(text.len())..)
+                .is_some_and(|t| t.contains(needle))
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
     /// Cluster status as one node sees it.
     pub async fn status(&self, id: u64) -> Result<pb::ClusterStatusResponse, ClusterError> {
         let ch = admin_channel(&self.node(id)?.admin_socket)?;
@@ -511,6 +536,33 @@ keys_path = "{data}/keys"
             n.partitioned = true;
         }
         tracing::info!(node = id, "partitioned (network disconnect)");
+        Ok(())
+    }
+
+    fn docker_run(&self, what: &str) -> Result<&crate::docker::DockerRun, ClusterError> {
+        self.docker
+            .as_ref()
+            .ok_or_else(|| ClusterError::Api(format!("{what} needs the Docker mode (--docker)")))
+    }
+
+    /// Docker mode: the node loses this share of its packets both ways.
+    pub fn lossy(&mut self, id: u64, probability: f64) -> Result<(), ClusterError> {
+        self.docker_run("packet loss")?.lossy(id, probability)?;
+        tracing::info!(node = id, probability, "lossy network");
+        Ok(())
+    }
+
+    /// Docker mode: the node hears nothing from its peers but still sends.
+    pub fn deaf(&mut self, id: u64) -> Result<(), ClusterError> {
+        self.docker_run("a one-way link")?.deaf(id)?;
+        tracing::info!(node = id, "one-way link (inbound dropped)");
+        Ok(())
+    }
+
+    /// Docker mode: clears loss and one-way rules.
+    pub fn clear_rules(&mut self, id: u64) -> Result<(), ClusterError> {
+        self.docker_run("network rules")?.clear_rules(id)?;
+        tracing::info!(node = id, "network rules cleared");
         Ok(())
     }
 

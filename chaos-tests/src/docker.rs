@@ -232,6 +232,66 @@ impl DockerRun {
         .map(|_| ())
     }
 
+    /// Runs iptables in the container's network namespace, from the host (needs root,
+    /// `nsenter` and `iptables` on the host; the kernel here has no netem, so packet loss is
+    /// made with the `statistic` match).
+    fn iptables(&self, node: u64, args: &[&str]) -> Result<(), ClusterError> {
+        let pid = docker(&[
+            "inspect",
+            "--format",
+            "{{.State.Pid}}",
+            &self.container(node),
+        ])?;
+        let out = Command::new("nsenter")
+            .args(["-t", &pid, "-n", "iptables"])
+            .args(args)
+            .output()
+            .map_err(|e| ClusterError::Api(format!("running nsenter iptables: {e}")))?;
+        if !out.status.success() {
+            return Err(ClusterError::Api(format!(
+                "iptables {} on node {node}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Drops this share of the node's packets, both ways.
+    pub fn lossy(&self, node: u64, probability: f64) -> Result<(), ClusterError> {
+        let p = format!("{probability:.2}");
+        for chain in ["INPUT", "OUTPUT"] {
+            self.iptables(
+                node,
+                &[
+                    "-A",
+                    chain,
+                    "-m",
+                    "statistic",
+                    "--mode",
+                    "random",
+                    "--probability",
+                    &p,
+                    "-j",
+                    "DROP",
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The node hears nothing from the cluster network but still sends (a one-way link).
+    pub fn deaf(&self, node: u64) -> Result<(), ClusterError> {
+        let net = format!("{}.0/24", self.subnet);
+        self.iptables(node, &["-A", "INPUT", "-s", &net, "-j", "DROP"])
+    }
+
+    /// Removes every rule `lossy` and `deaf` added.
+    pub fn clear_rules(&self, node: u64) -> Result<(), ClusterError> {
+        self.iptables(node, &["-F", "INPUT"])?;
+        self.iptables(node, &["-F", "OUTPUT"])
+    }
+
     /// Removes the node's container.
     pub fn remove(&mut self, node: u64) -> Result<(), ClusterError> {
         let name = self.container(node);

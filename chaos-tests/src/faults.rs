@@ -29,6 +29,17 @@ pub enum Fault {
     PartitionLeader,
     /// Docker mode: disconnect a follower, then reconnect it.
     PartitionFollower,
+    /// kill -9 a follower, write enough entries that the leader snapshots and purges its log
+    /// past the follower, restart the follower (it must install a snapshot) and kill -9 it
+    /// again a moment later, during the install; heal: start it again. Long mode only (it
+    /// writes thousands of entries).
+    SnapshotInstall,
+    /// Docker mode: the leader drops 20 % of its packets, both ways (iptables `statistic` in
+    /// its network namespace; this machine's kernel has no netem, so no delay fault).
+    LossyLeader,
+    /// Docker mode: the leader hears nothing from its peers but still sends (a one-way link;
+    /// over TCP this starves the leader of acknowledgements).
+    OneWayLeader,
 }
 
 impl Fault {
@@ -41,7 +52,15 @@ impl Fault {
     ];
 
     /// Faults that need the Docker mode (a network to cut).
-    pub const DOCKER: [Fault; 2] = [Fault::PartitionLeader, Fault::PartitionFollower];
+    pub const DOCKER: [Fault; 4] = [
+        Fault::PartitionLeader,
+        Fault::PartitionFollower,
+        Fault::LossyLeader,
+        Fault::OneWayLeader,
+    ];
+
+    /// Faults too slow for the smoke run, added by default in long mode.
+    pub const LONG: [Fault; 1] = [Fault::SnapshotInstall];
 
     pub fn needs_docker(self) -> bool {
         Fault::DOCKER.contains(&self)
@@ -56,6 +75,9 @@ impl Fault {
             Fault::MemberChange => "member-change",
             Fault::PartitionLeader => "partition-leader",
             Fault::PartitionFollower => "partition-follower",
+            Fault::SnapshotInstall => "snapshot-install",
+            Fault::LossyLeader => "lossy-leader",
+            Fault::OneWayLeader => "one-way-leader",
         }
     }
 
@@ -72,11 +94,13 @@ impl FromStr for Fault {
         Fault::ALL
             .into_iter()
             .chain(Fault::DOCKER)
+            .chain(Fault::LONG)
             .find(|f| f.name() == s)
             .ok_or_else(|| {
                 let names: Vec<&str> = Fault::ALL
                     .iter()
                     .chain(Fault::DOCKER.iter())
+                    .chain(Fault::LONG.iter())
                     .map(|f| f.name())
                     .collect();
                 format!("unknown fault {s:?} (one of: {})", names.join(", "))
@@ -92,6 +116,17 @@ pub struct Injected {
     pub targets: Vec<u64>,
     /// For member-change: the member added and removed again.
     pub added: Option<u64>,
+    /// What the injection observed.
+    pub note: Option<String>,
+}
+
+/// What some faults need besides the cluster.
+#[derive(Debug, Clone)]
+pub struct FaultContext {
+    pub history: std::sync::Arc<crate::history::History>,
+    /// Entries written while a follower is down (snapshot-install).
+    pub snapshot_writes: usize,
+    pub op_timeout: Duration,
 }
 
 /// Injects `fault`. Member changes happen inside the injection (they are the fault's action).
@@ -99,10 +134,12 @@ pub async fn inject(
     cluster: &mut ProcessCluster,
     fault: Fault,
     leader_timeout: Duration,
+    ctx: &FaultContext,
 ) -> Result<Injected, ClusterError> {
     let leader = cluster.wait_leader(leader_timeout).await?;
     let follower = cluster.live().into_iter().find(|id| *id != leader);
     let mut added = None;
+    let mut note = None;
     let targets = match fault {
         Fault::KillLeader => {
             cluster.kill(leader)?;
@@ -124,6 +161,48 @@ pub async fn inject(
         Fault::PartitionFollower => {
             let f = follower.ok_or_else(|| ClusterError::Api("no live follower".into()))?;
             cluster.partition(f)?;
+            vec![f]
+        }
+        Fault::LossyLeader => {
+            cluster.lossy(leader, 0.2)?;
+            vec![leader]
+        }
+        Fault::OneWayLeader => {
+            cluster.deaf(leader)?;
+            vec![leader]
+        }
+        Fault::SnapshotInstall => {
+            let f = follower.ok_or_else(|| ClusterError::Api("no live follower".into()))?;
+            cluster.kill(f)?;
+            let sockets = cluster.sockets();
+            let servers: Vec<_> = cluster
+                .live()
+                .into_iter()
+                .filter_map(|id| sockets.get(&id).map(|p| (id, p.clone())))
+                .collect();
+            let written = crate::workload::bulk_create(
+                ctx.history.clone(),
+                servers,
+                ctx.snapshot_writes,
+                ctx.op_timeout,
+            )
+            .await;
+            tracing::info!(written, "bulk writes done; restarting the follower");
+            cluster.restart(f)?;
+            // The leader sends a snapshot as soon as the follower answers: kill it as soon as
+            // its log says the transfer began (openraft's begin_receiving_snapshot).
+            let hit = cluster
+                .wait_log(f, "begin_receiving_snapshot", Duration::from_secs(30))
+                .await;
+            cluster.kill(f)?;
+            note = Some(format!(
+                "{written} entries written while node {f} was down; {}",
+                if hit {
+                    "killed again while it received a snapshot"
+                } else {
+                    "no snapshot transfer seen within 30 s; killed again after it"
+                }
+            ));
             vec![f]
         }
         Fault::RestartAll => {
@@ -154,6 +233,7 @@ pub async fn inject(
         fault,
         targets,
         added,
+        note,
     })
 }
 
@@ -161,7 +241,10 @@ pub async fn inject(
 pub fn heal(cluster: &mut ProcessCluster, inj: &Injected) -> Result<(), ClusterError> {
     for id in &inj.targets {
         match inj.fault {
-            Fault::KillLeader | Fault::RestartAll => cluster.restart(*id)?,
+            Fault::KillLeader | Fault::RestartAll | Fault::SnapshotInstall => {
+                cluster.restart(*id)?
+            }
+            Fault::LossyLeader | Fault::OneWayLeader => cluster.clear_rules(*id)?,
             Fault::PauseLeader | Fault::PauseFollower | Fault::MemberChange => {
                 cluster.resume(*id)?
             }
@@ -178,7 +261,11 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for f in Fault::ALL.into_iter().chain(Fault::DOCKER) {
+        for f in Fault::ALL
+            .into_iter()
+            .chain(Fault::DOCKER)
+            .chain(Fault::LONG)
+        {
             assert_eq!(f.name().parse::<Fault>().unwrap(), f);
         }
         assert!(Fault::PartitionLeader.needs_docker());

@@ -30,13 +30,18 @@ pub struct FaultWindow {
     /// Seconds since the start of the run.
     pub start_s: f64,
     pub heal_s: f64,
-    /// What recovery is measured from: "injection" (a majority kept running) or "heal".
+    /// What recovery is measured from: "injection" (a majority kept running; measured from
+    /// the end of the injection, which for member changes and bulk writes takes a while) or
+    /// "heal".
     pub recovery_from: String,
     /// Time from that point to the first acknowledged write after it.
     pub recovery_ms: Option<u64>,
     pub within_bound: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What the injection observed (e.g. whether a kill landed during a snapshot install).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// One line of the summary table.
@@ -241,8 +246,20 @@ impl Report {
         for f in &c.failures {
             s.push_str(&format!("- {f}\n"));
         }
-        if !self.notes.is_empty() {
+        let window_notes: Vec<String> = self
+            .windows
+            .iter()
+            .filter_map(|w| {
+                w.note
+                    .as_ref()
+                    .map(|n| format!("{} at {:.1}s: {n}", w.fault, w.start_s))
+            })
+            .collect();
+        if !self.notes.is_empty() || !window_notes.is_empty() {
             s.push_str("\n## Notes\n\n");
+            for n in &window_notes {
+                s.push_str(&format!("- {n}\n"));
+            }
             for n in &self.notes {
                 s.push_str(&format!("- {n}\n"));
             }
@@ -477,6 +494,7 @@ mod tests {
                 recovery_ms: Some(900),
                 within_bound: true,
                 error: None,
+                note: None,
             }],
             rows: vec![Row {
                 phase: "kill-leader".into(),

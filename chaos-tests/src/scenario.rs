@@ -40,6 +40,9 @@ pub struct ScenarioConfig {
     /// within this.
     pub recovery_bound: Duration,
     pub checker_budget: u64,
+    /// Entries written while a follower is down in the snapshot-install fault (the servers
+    /// snapshot every 5000 entries and keep 1000 after it).
+    pub snapshot_writes: usize,
     /// Agents to run (each with a workload watching its SVID and bundle); needs `agent_bin`.
     pub agents: usize,
     pub agent_bin: Option<PathBuf>,
@@ -61,6 +64,7 @@ impl ScenarioConfig {
             settle: Duration::from_secs(3),
             recovery_bound: Duration::from_secs(20),
             checker_budget: linearizability::DEFAULT_BUDGET,
+            snapshot_writes: 6500,
             agents: 0,
             agent_bin: None,
         }
@@ -244,7 +248,12 @@ async fn one_fault(
 ) -> FaultWindow {
     let start_us = history.now_us();
     tracing::info!(fault = fault.name(), "injecting");
-    let injected = faults::inject(cluster, fault, cfg.recovery_bound).await;
+    let ctx = faults::FaultContext {
+        history: history.clone(),
+        snapshot_writes: cfg.snapshot_writes,
+        op_timeout: cfg.client.op_timeout,
+    };
+    let injected = faults::inject(cluster, fault, cfg.recovery_bound, &ctx).await;
     let live = |c: &ProcessCluster| -> Vec<(u64, PathBuf)> {
         let s = c.sockets();
         c.live()
@@ -265,6 +274,7 @@ async fn one_fault(
         recovery_ms: None,
         within_bound: false,
         error: None,
+        note: None,
     };
     let inj = match injected {
         Ok(i) => i,
@@ -275,6 +285,9 @@ async fn one_fault(
         }
     };
     window.targets = inj.targets.clone();
+    window.note = inj.note.clone();
+    // Some injections take a while (member changes, bulk writes): measure from their end.
+    let injected_us = history.now_us();
     let probe = fault.majority_survives().then(|| {
         tokio::spawn(workload::probe_commit(
             history.clone(),
@@ -291,7 +304,7 @@ async fn one_fault(
     window.heal_s = secs(heal_us);
     tracing::info!(fault = fault.name(), "healed");
     let (from_us, acked) = match probe {
-        Some(p) => (start_us, p.await.ok().flatten()),
+        Some(p) => (injected_us, p.await.ok().flatten()),
         None => {
             // Every node restarted: they must elect and commit again.
             let servers = live(cluster);
@@ -574,8 +587,9 @@ fn analyse(
     if cfg.cluster.docker {
         notes.push(
             "docker mode: partitions disconnect a container from the cluster network (the \
-             node keeps running and clients still reach its admin socket); one-way and lossy \
-             links are not injected yet"
+             node keeps running and clients still reach its admin socket); loss and one-way \
+             links are iptables rules in the node's network namespace; delay is not injected \
+             (no netem in this kernel)"
                 .into(),
         );
     } else {

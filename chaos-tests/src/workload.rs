@@ -348,6 +348,84 @@ pub async fn set_writer(
     }
 }
 
+/// Creates `count` set entries (`bulk-<n>`) in batches of 50 from four concurrent callers
+/// through the given servers; returns how many were acknowledged. Bounded: each call by
+/// `timeout`, the whole by 40 calls' worth of timeouts per caller.
+pub async fn bulk_create(
+    history: Arc<History>,
+    servers: Vec<(u64, PathBuf)>,
+    count: usize,
+    timeout: Duration,
+) -> usize {
+    const BATCH: usize = 50;
+    const CALLERS: usize = 4;
+    if servers.is_empty() {
+        return 0;
+    }
+    let base = rand::random::<u32>();
+    let mut tasks = Vec::new();
+    for c in 0..CALLERS {
+        let history = history.clone();
+        let servers = servers.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut acked = 0usize;
+            let batches: Vec<usize> = (0..count.div_ceil(BATCH))
+                .filter(|b| b % CALLERS == c)
+                .collect();
+            let deadline = tokio::time::Instant::now() + timeout * 40;
+            for (i, b) in batches.into_iter().enumerate() {
+                if tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+                let (server, path) = &servers[(c + i) % servers.len()];
+                let ids: Vec<String> = (b * BATCH..((b + 1) * BATCH).min(count))
+                    .map(|n| format!("bulk-{base:08x}-{n}"))
+                    .collect();
+                let call_us = history.now_us();
+                let Some(ch) = connect(path).await else {
+                    history.push_unsent(call_us);
+                    continue;
+                };
+                let r = tokio::time::timeout(
+                    timeout * 4,
+                    EntryServiceClient::new(ch).batch_create_entry(pb::BatchCreateEntryRequest {
+                        entries: ids.iter().map(|id| set_entry(id)).collect(),
+                    }),
+                )
+                .await;
+                let end_us = history.now_us();
+                let statuses: Vec<bool> = match &r {
+                    Ok(Ok(resp)) => resp
+                        .get_ref()
+                        .results
+                        .iter()
+                        .map(|x| x.status.as_ref().is_some_and(|s| s.code == 0))
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                for (k, id) in ids.iter().enumerate() {
+                    let ok = statuses.get(k).copied().unwrap_or(false);
+                    acked += usize::from(ok);
+                    history.push_set(SetAdd {
+                        id: id.clone(),
+                        server: *server,
+                        acknowledged: ok,
+                        call_us,
+                        end_us,
+                        probe: false,
+                    });
+                }
+            }
+            acked
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap_or(0);
+    }
+    total
+}
+
 /// After a fault: writes probe entries through the given servers until one is acknowledged
 /// or `bound` passes; returns when the first acknowledged probe was acknowledged (µs).
 pub async fn probe_commit(

@@ -2,8 +2,10 @@
 //! Docker mode: the three servers in containers on a private network the test creates, the
 //! image built from the server binary by `docker import` (nothing pulled). The leader, then a
 //! follower, is disconnected from the network while clients keep calling every server's admin
-//! socket (also the cut-off one's); then a kill -9 of the leader container. Every check must
-//! pass, and no container or network of the run may remain.
+//! socket (also the cut-off one's); then the leader hears nothing but still sends (a one-way
+//! link), then it loses 20 % of its packets, then its container is killed. Every check must
+//! pass, and no container or network of the run may remain. Needs root (iptables in the
+//! containers' network namespaces through nsenter), as the rest of the CI does.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -50,6 +52,8 @@ async fn t30_docker_partitions() {
     cfg.faults = vec![
         Fault::PartitionLeader,
         Fault::PartitionFollower,
+        Fault::OneWayLeader,
+        Fault::LossyLeader,
         Fault::KillLeader,
     ];
     let report = scenario::run(cfg).await.unwrap();

@@ -27,8 +27,10 @@ struct Args {
     #[arg(long)]
     duration: Option<u64>,
     /// Faults to inject, in order (comma-separated): kill-leader, pause-leader,
-    /// pause-follower, member-change, restart-all; with --docker also partition-leader,
-    /// partition-follower. Default: all of them.
+    /// pause-follower, member-change, restart-all, snapshot-install (default in long mode);
+    /// with --docker also partition-leader, partition-follower, lossy-leader,
+    /// one-way-leader.
+    /// Default: all that the mode allows.
     #[arg(long, value_delimiter = ',')]
     faults: Vec<Fault>,
     /// Register clients.
@@ -76,6 +78,9 @@ async fn real_main() -> anyhow::Result<bool> {
     cfg.cluster.docker = a.docker;
     if a.docker {
         cfg.faults.extend(Fault::DOCKER);
+    }
+    if a.duration.is_some() {
+        cfg.faults.extend(Fault::LONG);
     }
     if !a.faults.is_empty() {
         cfg.faults = a.faults;
