@@ -4,15 +4,24 @@
 //! Must not depend on: plinth-server, plinth-raft, plinth-storage (the agent talks to servers only
 //! over the wire).
 //!
-//! What is here so far: the [`cache::IdentityCache`] the Workload API serves from (the sync with
-//! the server fills it), the [`jwt::JwtSvidSource`] the agent mints JWT-SVIDs through, workload
-//! attestation ([`attest`]), the Workload API handlers ([`workload_api`]) and its Unix-socket
-//! endpoint ([`endpoint`]), and the client side used by `plinth-agent api ...` ([`client`]).
+//! The parts: the configuration ([`config`]), the data dir ([`store`]), connections to the
+//! servers ([`conn`]), node attestation and agent SVID renewal ([`node`]), the sync with the
+//! server that fills the [`cache::IdentityCache`] and rotates SVIDs ([`sync`]), the
+//! [`jwt::JwtSvidSource`] JWT-SVIDs come through, workload attestation ([`attest`]), the
+//! Workload API handlers ([`workload_api`]) and its Unix-socket endpoint ([`endpoint`]), the
+//! agent's run loop ([`runtime`]), and the client side used by `plinth-agent api ...`
+//! ([`client`]).
 
 pub mod attest;
 pub mod cache;
 pub mod client;
+pub mod config;
+pub mod conn;
 pub mod endpoint;
 pub mod h2_authority;
 pub mod jwt;
+pub mod node;
+pub mod runtime;
+pub mod store;
+pub mod sync;
 pub mod workload_api;

@@ -1,5 +1,6 @@
-//! The `plinth-agent` binary. So far: the `api` commands, which talk to a running agent's
-//! Workload API like `spire-agent api ...` (same flag spellings: `-socketPath`, `-write`,
+//! The `plinth-agent` binary: `run -config agent.toml [-joinToken T]` runs the agent,
+//! `validate -config agent.toml` checks a config, and the `api` commands talk to a running
+//! agent's Workload API like `spire-agent api ...` (same flag spellings: `-socketPath`, `-write`,
 //! `-audience`, `-spiffeID`, `-svid`; Go-style single-dash long flags are accepted).
 
 use std::io::Write;
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use plinth_agent::client::{connect, socket_path_from_addr, WorkloadClient};
+use plinth_agent::config::Config;
 use plinth_api::convert::{x509_bundles, ReceivedX509Svid};
 use plinth_api::workload::{
     JwtBundlesRequest, JwtsvidRequest, ValidateJwtsvidRequest, X509BundlesRequest, X509svidRequest,
@@ -32,6 +34,21 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the agent.
+    Run {
+        /// Path of the agent's TOML config.
+        #[arg(long = "config", default_value = "agent.toml")]
+        config: PathBuf,
+        /// Join token to attest with (overrides node_attestor.join_token.token).
+        #[arg(long = "joinToken")]
+        join_token: Option<String>,
+    },
+    /// Check a config file and exit.
+    Validate {
+        /// Path of the agent's TOML config.
+        #[arg(long = "config", default_value = "agent.toml")]
+        config: PathBuf,
+    },
     /// Talk to the Workload API of a running agent.
     Api {
         #[command(subcommand)]
@@ -235,8 +252,49 @@ fn print_svids(resp: &X509svidResponse, write: Option<&Path>, silent: bool) -> R
     Ok(())
 }
 
-async fn run(cli: Cli) -> Result<()> {
-    let Command::Api { command } = cli.command;
+fn load_config(path: &Path, join_token: Option<String>) -> Result<Config> {
+    Ok(Config::load(path)?.with_join_token(join_token)?)
+}
+
+fn run_agent(cfg: Config) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        // The configured level for plinth; transport crates stay quiet below info.
+        let l = &cfg.log_level;
+        tracing_subscriber::EnvFilter::new(format!(
+            "{l},h2=info,hyper=info,hyper_util=info,tower=info,rustls=info,tonic=info"
+        ))
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let shutdown = async {
+            let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+            match term {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = tokio::signal::ctrl_c() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        };
+        plinth_agent::runtime::run(cfg, shutdown).await
+    })?;
+    Ok(())
+}
+
+async fn run(command: Command) -> Result<()> {
+    let Command::Api { command } = command else {
+        bail!("not an api command");
+    };
     match command {
         ApiCommand::Fetch {
             what:
@@ -364,6 +422,24 @@ async fn run(cli: Cli) -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse_from(go_style_args(std::env::args()));
+    let report = |outcome: Result<()>| match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("plinth-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    };
+    let command = match cli.command {
+        Command::Run { config, join_token } => {
+            return report(load_config(&config, join_token).and_then(run_agent))
+        }
+        Command::Validate { config } => {
+            return report(load_config(&config, None).map(|_| {
+                println!("Configuration is valid.");
+            }))
+        }
+        api => api,
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -374,7 +450,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("plinth-agent: {e:#}");

@@ -1,0 +1,826 @@
+//! The sync with the server: the authorized-entries stream in, SVIDs signed for keys made here,
+//! the [`IdentityCache`] filled, each SVID rotated at half-life (with jitter), bundles pushed.
+//!
+//! One [`Syncer`] lives as long as the agent; each connection to a server is one *session*
+//! ([`Syncer::run_session`]). What the syncer knows (the entries, which SVID was issued for
+//! which entry settings, when to rotate) outlives sessions, so a reconnect that brings the same
+//! full set again costs no new SVIDs.
+//!
+//! ## Which entries this agent serves
+//! The server sends every entry reachable from the agent: parented to the agent, to a node alias
+//! of it, or to another sent entry (nested, for downstream use). The agent serves an entry when
+//! its parent is one of its *node IDs*:
+//! 1. the agent's own SPIFFE ID;
+//! 2. the SPIFFE ID of a sent entry parented to the agent whose selectors are all of type
+//!    `spiffe_id` (a join-token alias, `token generate -spiffeID`); such alias entries are not
+//!    served themselves (no workload has `spiffe_id` selectors);
+//! 3. a parent ID of a sent entry that names no sent entry: a node alias the server matched
+//!    against the agent's selectors (the server does not send the alias entry itself).
+//!
+//! Entries whose parent is another sent entry's SPIFFE ID are nested and are not served. (An
+//! alias ID that is also the SPIFFE ID of a sent workload entry counts as nested: keep alias IDs
+//! and workload IDs apart.)
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use plinth_api::server as pb;
+use plinth_api::server::entry_service_client::EntryServiceClient;
+use plinth_api::server::svid_service_client::SvidServiceClient;
+use plinth_spiffe::tls::BundleHolder;
+use plinth_spiffe::x509::{cert_not_after, spiffe_id_of};
+use plinth_spiffe::{
+    Bundle, BundleSet, Csr, KeyType, PrivateKey, Selector, Selectors, SpiffeId, TrustDomain,
+    X509Svid,
+};
+use rand::Rng;
+use time::OffsetDateTime;
+use tonic::transport::Channel;
+
+use crate::cache::{Entry, Identity, IdentityCache};
+use crate::jwt::{BoxFuture, JwtSourceError, JwtSvid, JwtSvidCache, JwtSvidSource};
+use crate::node::{bundle_from_proto, is_refusal};
+use crate::store::DataDir;
+
+/// CSRs per `BatchNewX509Svid` call (the server takes at most 1000).
+pub const SVID_BATCH_SIZE: usize = 500;
+/// Batches in flight at once during a large sync.
+pub const SVID_BATCHES_IN_FLIGHT: usize = 4;
+/// When an entry's SVID could not be had, ask again after this long.
+pub const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// How long one SVID batch may take.
+pub const BATCH_TIMEOUT: Duration = Duration::from_secs(60);
+/// SVIDs are renewed at a random point between this fraction of their lifetime and half of it.
+pub const ROTATE_EARLIEST: f64 = 0.4;
+
+/// Why a session ended badly.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SyncError {
+    /// The server refused this agent outright (unknown, banned, SVID no longer current).
+    #[error("the server refused the agent: {0}")]
+    Refused(String),
+    /// The server went away or failed; reconnect (to another server).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+fn status_err(what: &str, s: tonic::Status) -> SyncError {
+    let msg = format!("{what}: {:?}: {}", s.code(), s.message());
+    if s.code() == tonic::Code::PermissionDenied || s.code() == tonic::Code::Unauthenticated {
+        SyncError::Refused(msg)
+    } else {
+        SyncError::Unavailable(msg)
+    }
+}
+
+/// Why a session ended normally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The agent SVID reached its renewal time: renew it and reconnect with the new one.
+    RenewAgent,
+}
+
+/// A point in `[ROTATE_EARLIEST, 0.5]` of the way from `not_before` to `not_after`: renewal
+/// before half-life, so that an outage shorter than half the TTL never reaches workloads, with
+/// jitter so that SVIDs issued together are not renewed together.
+pub fn rotation_time(not_before: OffsetDateTime, not_after: OffsetDateTime) -> OffsetDateTime {
+    let life = (not_after - not_before).max(time::Duration::ZERO);
+    let frac = rand::thread_rng().gen_range(ROTATE_EARLIEST..=0.5);
+    not_before + life * frac
+}
+
+/// The notBefore of a DER certificate.
+pub fn cert_not_before(der: &[u8]) -> Option<OffsetDateTime> {
+    use x509_parser::prelude::FromDer;
+    let (_, c) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
+    Some(c.validity().not_before.to_datetime())
+}
+
+/// The entries this agent serves out of everything the server sent (see the module docs).
+pub fn servable<'a>(
+    agent_id: &str,
+    entries: &'a BTreeMap<String, pb::Entry>,
+) -> BTreeMap<&'a str, &'a pb::Entry> {
+    let ids: HashSet<&str> = entries.values().map(|e| e.spiffe_id.as_str()).collect();
+    let is_alias = |e: &pb::Entry| {
+        e.parent_id == agent_id
+            && !e.selectors.is_empty()
+            && e.selectors.iter().all(|s| s.r#type == "spiffe_id")
+    };
+    let mut nodes: HashSet<&str> = HashSet::new();
+    nodes.insert(agent_id);
+    for e in entries.values() {
+        if is_alias(e) {
+            nodes.insert(e.spiffe_id.as_str());
+        }
+        if !ids.contains(e.parent_id.as_str()) {
+            nodes.insert(e.parent_id.as_str());
+        }
+    }
+    entries
+        .iter()
+        .filter(|(_, e)| nodes.contains(e.parent_id.as_str()) && !is_alias(e))
+        .map(|(id, e)| (id.as_str(), e))
+        .collect()
+}
+
+fn wire_td(s: &str) -> Result<TrustDomain, String> {
+    TrustDomain::new(s.strip_prefix("spiffe://").unwrap_or(s)).map_err(|e| e.to_string())
+}
+
+/// A wire entry as the cache's entry.
+pub fn entry_from_proto(e: &pb::Entry) -> Result<Entry, String> {
+    let spiffe_id = SpiffeId::new(&e.spiffe_id).map_err(|err| format!("spiffe_id: {err}"))?;
+    let mut selectors = Selectors::new();
+    for s in &e.selectors {
+        selectors.insert(Selector::new(&s.r#type, &s.value).map_err(|err| err.to_string())?);
+    }
+    if selectors.is_empty() {
+        return Err("entry has no selectors".into());
+    }
+    let federates_with = e
+        .federates_with
+        .iter()
+        .map(|t| wire_td(t))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Entry {
+        id: e.id.clone(),
+        spiffe_id,
+        selectors,
+        federates_with,
+        hint: e.hint.clone(),
+    })
+}
+
+/// The entry settings an SVID was issued for; a change to any of them needs a new SVID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SvidParams {
+    spiffe_id: String,
+    x509_svid_ttl: i32,
+    dns_names: Vec<String>,
+}
+
+impl SvidParams {
+    fn of(e: &pb::Entry) -> Self {
+        Self {
+            spiffe_id: e.spiffe_id.clone(),
+            x509_svid_ttl: e.x509_svid_ttl,
+            dns_names: e.dns_names.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Issued {
+    params: SvidParams,
+    rotate_at: OffsetDateTime,
+}
+
+/// What fetching SVIDs for a set of entries gave.
+struct Fetched {
+    identities: Vec<(Identity, SvidParams, OffsetDateTime)>,
+    failed: Vec<(String, String)>,
+    error: Option<SyncError>,
+}
+
+/// Gets JWT-SVIDs from the server (`NewJwtSvid`) over the current connection.
+#[derive(Debug)]
+pub struct ServerJwtSource {
+    cache: Arc<IdentityCache>,
+    channel: RwLock<Option<Channel>>,
+}
+
+impl ServerJwtSource {
+    pub fn new(cache: Arc<IdentityCache>) -> Self {
+        Self {
+            cache,
+            channel: RwLock::new(None),
+        }
+    }
+
+    /// The connection to use from now on (`None`: no server reachable).
+    pub fn set_channel(&self, ch: Option<Channel>) {
+        *self.channel.write().unwrap_or_else(|p| p.into_inner()) = ch;
+    }
+}
+
+impl JwtSvidSource for ServerJwtSource {
+    fn fetch_jwt_svid<'a>(
+        &'a self,
+        spiffe_id: &'a SpiffeId,
+        audience: &'a [String],
+    ) -> BoxFuture<'a, Result<JwtSvid, JwtSourceError>> {
+        Box::pin(async move {
+            let entry_id = self
+                .cache
+                .state()
+                .identities()
+                .find(|i| &i.entry.spiffe_id == spiffe_id)
+                .map(|i| i.entry.id.clone())
+                .ok_or_else(|| JwtSourceError::Refused(format!("no entry for {spiffe_id}")))?;
+            let ch = self
+                .channel
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .ok_or_else(|| JwtSourceError::Unavailable("no server reachable".into()))?;
+            let req = pb::NewJwtSvidRequest {
+                entry_id,
+                audience: audience.to_vec(),
+            };
+            let resp = tokio::time::timeout(
+                Duration::from_secs(10),
+                SvidServiceClient::new(ch).new_jwt_svid(req),
+            )
+            .await
+            .map_err(|_| JwtSourceError::Unavailable("the server did not answer".into()))?
+            .map_err(|s| {
+                let m = format!("{:?}: {}", s.code(), s.message());
+                if is_refusal(s.code()) {
+                    JwtSourceError::Refused(m)
+                } else {
+                    JwtSourceError::Unavailable(m)
+                }
+            })?
+            .into_inner();
+            let svid = resp
+                .svid
+                .ok_or_else(|| JwtSourceError::Unavailable("the server sent no token".into()))?;
+            let ts = |t: i64| {
+                OffsetDateTime::from_unix_timestamp(t)
+                    .map_err(|_| JwtSourceError::Unavailable("bad timestamp from server".into()))
+            };
+            Ok(JwtSvid {
+                spiffe_id: SpiffeId::new(&svid.spiffe_id)
+                    .map_err(|e| JwtSourceError::Unavailable(e.to_string()))?,
+                token: svid.token,
+                issued_at: ts(svid.issued_at)?,
+                expiry: ts(svid.expires_at)?,
+            })
+        })
+    }
+}
+
+/// Keeps the cache in step with the server.
+#[derive(Debug)]
+pub struct Syncer {
+    td: TrustDomain,
+    cache: Arc<IdentityCache>,
+    jwt: Arc<JwtSvidCache>,
+    tls_bundles: Arc<BundleHolder>,
+    data_dir: Option<DataDir>,
+    /// Everything the server sent, by entry ID.
+    entries: BTreeMap<String, pb::Entry>,
+    /// For each cached identity: what its SVID was issued for and when to rotate it.
+    issued: BTreeMap<String, Issued>,
+    /// Entries whose SVID could not be had, and when to try again.
+    retry: BTreeMap<String, OffsetDateTime>,
+}
+
+impl Syncer {
+    /// `tls_bundles` is what connections to servers trust; it follows the trust bundle the server
+    /// pushes (which is also stored in `data_dir`, for restarts).
+    pub fn new(
+        td: TrustDomain,
+        cache: Arc<IdentityCache>,
+        jwt: Arc<JwtSvidCache>,
+        tls_bundles: Arc<BundleHolder>,
+        data_dir: Option<DataDir>,
+    ) -> Self {
+        Self {
+            td,
+            cache,
+            jwt,
+            tls_bundles,
+            data_dir,
+            entries: BTreeMap::new(),
+            issued: BTreeMap::new(),
+            retry: BTreeMap::new(),
+        }
+    }
+
+    fn next_wake(&self) -> Option<OffsetDateTime> {
+        let rotate = self.issued.values().map(|i| i.rotate_at).min();
+        let retry = self.retry.values().min().copied();
+        match (rotate, retry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Follows the server's entry stream over `channel` as `agent_id` until the connection fails,
+    /// the server refuses the agent, or `renew_at` comes (the agent SVID must be renewed).
+    /// `on_first` runs once the first message has been applied.
+    pub async fn run_session(
+        &mut self,
+        channel: Channel,
+        agent_id: &SpiffeId,
+        renew_at: OffsetDateTime,
+        mut on_first: impl FnMut(),
+    ) -> Result<SessionEnd, SyncError> {
+        let mut stream = EntryServiceClient::new(channel.clone())
+            .sync_authorized_entries(pb::SyncAuthorizedEntriesRequest {
+                from_revision: 0,
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| status_err("opening the entry stream", s))?
+            .into_inner();
+        let mut first = true;
+        loop {
+            let now = OffsetDateTime::now_utc();
+            if now >= renew_at {
+                return Ok(SessionEnd::RenewAgent);
+            }
+            let wake = self.next_wake().map_or(renew_at, |w| w.min(renew_at));
+            let sleep = Duration::try_from(wake - now).unwrap_or(Duration::ZERO);
+            tokio::select! {
+                msg = stream.message() => {
+                    let msg = msg
+                        .map_err(|s| status_err("entry stream", s))?
+                        .ok_or_else(|| SyncError::Unavailable("the server ended the entry stream".into()))?;
+                    self.apply(&channel, agent_id, msg).await?;
+                    if first {
+                        first = false;
+                        on_first();
+                    }
+                }
+                _ = tokio::time::sleep(sleep) => {
+                    if OffsetDateTime::now_utc() >= renew_at {
+                        return Ok(SessionEnd::RenewAgent);
+                    }
+                    let now = OffsetDateTime::now_utc();
+                    let due: BTreeSet<String> = self
+                        .issued
+                        .iter()
+                        .filter(|(_, i)| i.rotate_at <= now)
+                        .map(|(id, _)| id.clone())
+                        .collect();
+                    self.retry.retain(|_, at| *at > now);
+                    if !due.is_empty() {
+                        tracing::debug!(count = due.len(), "rotating SVIDs");
+                    }
+                    self.reconcile(&channel, agent_id, None, None, &due).await?;
+                }
+            }
+        }
+    }
+
+    /// Applies one message of the entry stream.
+    async fn apply(
+        &mut self,
+        channel: &Channel,
+        agent_id: &SpiffeId,
+        msg: pb::SyncAuthorizedEntriesResponse,
+    ) -> Result<(), SyncError> {
+        if msg.full {
+            self.entries.clear();
+        }
+        let (upserted, deleted) = (msg.upserted.len(), msg.deleted_ids.len());
+        for e in msg.upserted {
+            self.entries.insert(e.id.clone(), e);
+        }
+        for id in &msg.deleted_ids {
+            self.entries.remove(id);
+        }
+        tracing::debug!(
+            full = msg.full,
+            revision = msg.revision,
+            upserted,
+            deleted,
+            "entry update from server"
+        );
+        let bundle = match msg.bundle.as_ref().map(bundle_from_proto) {
+            Some(Ok(b)) if b.trust_domain() == &self.td => Some(b),
+            Some(Ok(b)) => {
+                tracing::warn!(trust_domain = %b.trust_domain(), "ignoring a bundle of another trust domain");
+                None
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "ignoring a malformed bundle");
+                None
+            }
+            None => None,
+        };
+        // The server sends the whole list when it changes (and with every full set).
+        let federated = if msg.full || !msg.federated_bundles.is_empty() {
+            let mut set = Vec::new();
+            for b in &msg.federated_bundles {
+                match bundle_from_proto(b) {
+                    Ok(b) if b.trust_domain() != &self.td => set.push(b),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "ignoring a malformed federated bundle"),
+                }
+            }
+            Some(set)
+        } else {
+            None
+        };
+        self.reconcile(channel, agent_id, bundle, federated, &BTreeSet::new())
+            .await
+    }
+
+    /// Brings the cache in line with `self.entries`: removes what is no longer served, updates
+    /// changed entries, gets SVIDs for new entries, changed ones and those in `rotate`, and
+    /// publishes it all (with the bundles) as one change.
+    async fn reconcile(
+        &mut self,
+        channel: &Channel,
+        agent_id: &SpiffeId,
+        bundle: Option<Bundle>,
+        federated: Option<Vec<Bundle>>,
+        rotate: &BTreeSet<String>,
+    ) -> Result<(), SyncError> {
+        let state = self.cache.state();
+        let served = servable(agent_id.as_str(), &self.entries);
+        let mut removes: Vec<String> = state
+            .identities()
+            .filter(|i| !served.contains_key(i.entry.id.as_str()))
+            .map(|i| i.entry.id.clone())
+            .collect();
+        let mut updates = Vec::new();
+        let mut needs: Vec<(Entry, pb::Entry)> = Vec::new();
+        for (id, wire) in &served {
+            let entry = match entry_from_proto(wire) {
+                Ok(e) => e,
+                Err(err) => {
+                    tracing::warn!(entry_id = %id, error = %err, "ignoring a malformed entry");
+                    if state.identity(id).is_some() {
+                        removes.push((*id).to_owned());
+                    }
+                    continue;
+                }
+            };
+            let current = state.identity(id);
+            let up_to_date = current.is_some()
+                && self
+                    .issued
+                    .get(*id)
+                    .is_some_and(|i| i.params == SvidParams::of(wire));
+            if up_to_date && !rotate.contains(*id) {
+                if current.is_some_and(|c| c.entry != entry) {
+                    updates.push(entry);
+                }
+            } else {
+                // Not yet issued, settings changed, or due: a new SVID. Skip entries waiting
+                // for a retry unless they are due.
+                if !up_to_date && self.retry.contains_key(*id) {
+                    continue;
+                }
+                if current.is_some_and(|c| c.entry.spiffe_id != entry.spiffe_id) {
+                    // The old SVID names the old ID: stop serving it now.
+                    removes.push((*id).to_owned());
+                }
+                needs.push((entry, (*wire).clone()));
+            }
+        }
+        let fetched = if needs.is_empty() {
+            Fetched {
+                identities: Vec::new(),
+                failed: Vec::new(),
+                error: None,
+            }
+        } else {
+            fetch_svids(channel, needs).await
+        };
+
+        let bundle_changed = bundle.as_ref().is_some_and(|b| b != state.bundle());
+        let mut rejected = Vec::new();
+        let applied = self.cache.modify(|s| {
+            if let Some(b) = &bundle {
+                if let Err(e) = s.set_bundle(b.clone()) {
+                    tracing::warn!(error = %e, "bundle not applied");
+                }
+            }
+            if let Some(feds) = &federated {
+                let keep: BTreeSet<&TrustDomain> = feds.iter().map(|b| b.trust_domain()).collect();
+                let gone: Vec<TrustDomain> = s
+                    .federated_bundles()
+                    .iter()
+                    .map(|b| b.trust_domain().clone())
+                    .filter(|td| !keep.contains(td))
+                    .collect();
+                for td in gone {
+                    s.remove_federated_bundle(&td);
+                }
+                for b in feds {
+                    if let Err(e) = s.set_federated_bundle(b.clone()) {
+                        tracing::warn!(error = %e, "federated bundle not applied");
+                    }
+                }
+            }
+            for id in &removes {
+                s.remove_entry(id);
+            }
+            for e in &updates {
+                if let Err(err) = s.update_entry(e.clone()) {
+                    tracing::warn!(entry_id = %e.id, error = %err, "entry update not applied");
+                }
+            }
+            for (identity, _, _) in &fetched.identities {
+                let id = identity.entry.id.clone();
+                if let Err(err) = s.put_identity(identity.clone()) {
+                    tracing::warn!(entry_id = %id, error = %err, "SVID not cached");
+                    rejected.push(id);
+                }
+            }
+            Ok(())
+        });
+        if let Err(e) = applied {
+            // Unreachable: every step above handles its own errors.
+            tracing::error!(error = %e, "cache update failed");
+        }
+
+        for id in &removes {
+            self.issued.remove(id);
+        }
+        let now = OffsetDateTime::now_utc();
+        for (identity, params, rotate_at) in fetched.identities {
+            if rejected.contains(&identity.entry.id) {
+                self.retry.insert(identity.entry.id, now + RETRY_AFTER);
+                continue;
+            }
+            self.retry.remove(&identity.entry.id);
+            self.issued
+                .insert(identity.entry.id, Issued { params, rotate_at });
+        }
+        for (id, reason) in fetched.failed {
+            tracing::warn!(entry_id = %id, reason = %reason, "no SVID for entry; retrying later");
+            self.retry.insert(id, now + RETRY_AFTER);
+        }
+        // Forget what no longer exists.
+        self.issued.retain(|id, _| served.contains_key(id.as_str()));
+        self.retry.retain(|id, _| served.contains_key(id.as_str()));
+        let keep: BTreeSet<SpiffeId> = self
+            .cache
+            .state()
+            .identities()
+            .map(|i| i.entry.spiffe_id.clone())
+            .collect();
+        self.jwt.retain_ids(&keep);
+
+        if bundle_changed {
+            if let Some(b) = bundle {
+                let mut set = BundleSet::new();
+                set.insert(b.clone());
+                self.tls_bundles.set(set);
+                if let Some(dir) = &self.data_dir {
+                    if let Err(e) = dir.save_bundle(&b) {
+                        tracing::warn!(error = %e, "cannot store the trust bundle");
+                    }
+                }
+                tracing::info!(sequence = b.sequence_number(), "trust bundle updated");
+            }
+        }
+        match fetched.error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A fresh workload key and a CSR (DER) for it.
+type KeyAndCsr = (Arc<PrivateKey>, Vec<u8>);
+
+/// A key and CSR per entry (CPU work, on a blocking thread).
+fn make_keys(n: usize) -> Result<Vec<KeyAndCsr>, String> {
+    (0..n)
+        .map(|_| {
+            let key = Arc::new(PrivateKey::generate(KeyType::EcP256).map_err(|e| e.to_string())?);
+            let csr = Csr::create(key.clone()).map_err(|e| e.to_string())?;
+            Ok((key, csr))
+        })
+        .collect()
+}
+
+async fn fetch_batch(channel: Channel, batch: Vec<(Entry, pb::Entry)>) -> Fetched {
+    let mut out = Fetched {
+        identities: Vec::new(),
+        failed: Vec::new(),
+        error: None,
+    };
+    let n = batch.len();
+    let keys = match tokio::task::spawn_blocking(move || make_keys(n)).await {
+        Ok(Ok(k)) => k,
+        Ok(Err(err)) => {
+            out.failed = batch
+                .into_iter()
+                .map(|(e, _)| (e.id, err.clone()))
+                .collect();
+            return out;
+        }
+        Err(err) => {
+            out.failed = batch
+                .into_iter()
+                .map(|(e, _)| (e.id, err.to_string()))
+                .collect();
+            return out;
+        }
+    };
+    let params = batch
+        .iter()
+        .zip(&keys)
+        .map(|((e, _), (_, csr))| pb::NewX509SvidParams {
+            entry_id: e.id.clone(),
+            csr: csr.clone(),
+        })
+        .collect();
+    let resp = tokio::time::timeout(
+        BATCH_TIMEOUT,
+        SvidServiceClient::new(channel)
+            .max_decoding_message_size(64 * 1024 * 1024)
+            .batch_new_x509_svid(pb::BatchNewX509SvidRequest { params }),
+    )
+    .await;
+    let results = match resp {
+        Ok(Ok(r)) => r.into_inner().results,
+        Ok(Err(s)) => {
+            out.error = Some(status_err("BatchNewX509Svid", s));
+            return out;
+        }
+        Err(_) => {
+            out.error = Some(SyncError::Unavailable("BatchNewX509Svid timed out".into()));
+            return out;
+        }
+    };
+    if results.len() != n {
+        out.error = Some(SyncError::Unavailable(format!(
+            "BatchNewX509Svid answered {} of {n} requests",
+            results.len()
+        )));
+        return out;
+    }
+    for (((entry, wire), (key, _)), r) in batch.into_iter().zip(keys).zip(results) {
+        let status = r.status.unwrap_or_default();
+        if status.code != 0 {
+            out.failed.push((entry.id, status.message));
+            continue;
+        }
+        match svid_from_wire(r.svid) {
+            Ok((svid, not_before)) => {
+                // Servers backdate notBefore (clock skew); the lifetime that matters is from now.
+                let start = not_before.max(OffsetDateTime::now_utc());
+                let rotate_at = rotation_time(start, svid.not_after);
+                out.identities.push((
+                    Identity {
+                        entry,
+                        svid,
+                        private_key: key,
+                    },
+                    SvidParams::of(&wire),
+                    rotate_at,
+                ));
+            }
+            Err(e) => out.failed.push((entry.id, e)),
+        }
+    }
+    out
+}
+
+fn svid_from_wire(svid: Option<pb::X509Svid>) -> Result<(X509Svid, OffsetDateTime), String> {
+    let svid = svid.ok_or("no SVID in the answer")?;
+    let leaf = svid.cert_chain.first().ok_or("empty certificate chain")?;
+    let spiffe_id = spiffe_id_of(leaf).map_err(|e| e.to_string())?;
+    let not_after = cert_not_after(leaf).map_err(|e| e.to_string())?;
+    let not_before = cert_not_before(leaf).ok_or("unreadable notBefore")?;
+    Ok((
+        X509Svid {
+            spiffe_id,
+            chain: svid.cert_chain,
+            not_after,
+        },
+        not_before,
+    ))
+}
+
+/// SVIDs for `needs`, in batches, several in flight.
+async fn fetch_svids(channel: &Channel, needs: Vec<(Entry, pb::Entry)>) -> Fetched {
+    let mut batches = Vec::new();
+    let mut it = needs.into_iter().peekable();
+    while it.peek().is_some() {
+        batches.push(it.by_ref().take(SVID_BATCH_SIZE).collect::<Vec<_>>());
+    }
+    let mut results =
+        futures_util::stream::iter(batches.into_iter().map(|b| fetch_batch(channel.clone(), b)))
+            .buffer_unordered(SVID_BATCHES_IN_FLIGHT);
+    let mut out = Fetched {
+        identities: Vec::new(),
+        failed: Vec::new(),
+        error: None,
+    };
+    while let Some(f) = results.next().await {
+        out.identities.extend(f.identities);
+        out.failed.extend(f.failed);
+        if out.error.is_none() {
+            out.error = f.error;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn e(id: &str, spiffe_id: &str, parent: &str, sel: &[(&str, &str)]) -> pb::Entry {
+        pb::Entry {
+            id: id.into(),
+            spiffe_id: spiffe_id.into(),
+            parent_id: parent.into(),
+            selectors: sel
+                .iter()
+                .map(|(t, v)| pb::Selector {
+                    r#type: (*t).into(),
+                    value: (*v).into(),
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn serves_entries_of_the_agent_and_its_aliases_not_nested_ones() {
+        let agent = "spiffe://td/spire/agent/join_token/t";
+        let all: BTreeMap<String, pb::Entry> = [
+            e("direct", "spiffe://td/web", agent, &[("unix", "uid:1")]),
+            // join-token alias and an entry under it
+            e(
+                "alias",
+                "spiffe://td/node/a",
+                agent,
+                &[("spiffe_id", agent)],
+            ),
+            e(
+                "via-alias",
+                "spiffe://td/db",
+                "spiffe://td/node/a",
+                &[("unix", "uid:2")],
+            ),
+            // server-side alias (not sent) and an entry under it
+            e(
+                "via-cluster",
+                "spiffe://td/api",
+                "spiffe://td/cluster/x",
+                &[("unix", "uid:3")],
+            ),
+            // nested under a workload entry: downstream, not served
+            e(
+                "nested",
+                "spiffe://td/child",
+                "spiffe://td/web",
+                &[("unix", "uid:4")],
+            ),
+            e(
+                "nested2",
+                "spiffe://td/grandchild",
+                "spiffe://td/child",
+                &[("unix", "uid:5")],
+            ),
+        ]
+        .into_iter()
+        .map(|x| (x.id.clone(), x))
+        .collect();
+        let got: Vec<&str> = servable(agent, &all).keys().copied().collect();
+        assert_eq!(got, ["direct", "via-alias", "via-cluster"]);
+    }
+
+    #[test]
+    fn rotation_is_jittered_and_never_later_than_half_life() {
+        let nb = OffsetDateTime::from_unix_timestamp(1_000_000).unwrap();
+        let na = nb + time::Duration::seconds(100);
+        let mut seen = BTreeSet::new();
+        for _ in 0..200 {
+            let t = rotation_time(nb, na);
+            assert!(t <= nb + time::Duration::seconds(50), "{t}");
+            assert!(t >= nb + time::Duration::seconds(40), "{t}");
+            seen.insert(t.unix_timestamp());
+        }
+        assert!(seen.len() > 1, "jitter spreads rotations");
+        // An already expired or inverted validity rotates at once.
+        assert_eq!(rotation_time(na, nb), na);
+    }
+
+    #[test]
+    fn wire_entries_convert() {
+        let mut w = e(
+            "a",
+            "spiffe://td/web",
+            "spiffe://td/x",
+            &[("unix", "uid:1")],
+        );
+        w.federates_with = vec!["spiffe://partner.org".into(), "other.org".into()];
+        w.hint = "h".into();
+        let got = entry_from_proto(&w).unwrap();
+        assert_eq!(got.federates_with.len(), 2);
+        assert_eq!(got.hint, "h");
+        w.selectors.clear();
+        assert!(entry_from_proto(&w).is_err());
+        let bad = e("b", "not an id", "spiffe://td/x", &[("unix", "uid:1")]);
+        assert!(entry_from_proto(&bad).is_err());
+    }
+}
