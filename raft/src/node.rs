@@ -15,6 +15,7 @@ use tokio::net::TcpSocket;
 use tokio::sync::{broadcast, oneshot};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
 
 use crate::log_store::LogStore;
 use crate::network::pb::raft_service_client::RaftServiceClient;
@@ -413,10 +414,19 @@ impl RaftNode {
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        // Peers' AppendEntries answers are small writes: without TCP_NODELAY, Nagle holds one
+        // back until the peer's delayed ACK (~40 ms), which stalled every replication round.
+        let incoming = TcpListenerStream::new(listener).map(|conn| {
+            conn.inspect(|s| {
+                if let Err(e) = s.set_nodelay(true) {
+                    tracing::debug!(error = %e, "cannot set TCP_NODELAY on a peer connection");
+                }
+            })
+        });
         let server = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(service)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                .serve_with_incoming_shutdown(incoming, async {
                     let _ = stop_rx.await;
                 }),
         );
