@@ -64,7 +64,13 @@ async fn t30_docker_partitions() {
     let names: Vec<&str> = report.windows.iter().map(|w| w.fault.as_str()).collect();
     assert_eq!(
         names,
-        ["partition-leader", "partition-follower", "kill-leader"]
+        [
+            "partition-leader",
+            "partition-follower",
+            "one-way-leader",
+            "lossy-leader",
+            "kill-leader"
+        ]
     );
     assert!(report.rows.iter().all(|r| r.acknowledged > 0), "{summary}");
 
