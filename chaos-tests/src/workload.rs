@@ -632,6 +632,30 @@ pub async fn final_read(
     None
 }
 
+/// The oracle "every SVID a workload received verifies against the bundle the agent served at
+/// that time": the chain of the response's first SVID against the bundle in the same response,
+/// with every X509-SVID validator rule, now.
+fn verify_against_served_bundle(s: &plinth_api::workload::X509svid) -> Result<(), String> {
+    use plinth_spiffe::x509::{split_der_concat, verify_svid};
+    let chain = split_der_concat(&s.x509_svid).map_err(|e| format!("chain: {e}"))?;
+    let td = plinth_spiffe::TrustDomain::new(TRUST_DOMAIN).map_err(|e| e.to_string())?;
+    let mut bundle = plinth_spiffe::Bundle::new(td);
+    for der in split_der_concat(&s.bundle).map_err(|e| format!("bundle: {e}"))? {
+        bundle
+            .add_x509_authority(der)
+            .map_err(|e| format!("bundle: {e}"))?;
+    }
+    let v =
+        verify_svid(&chain, &bundle, time::OffsetDateTime::now_utc()).map_err(|e| e.to_string())?;
+    if v.spiffe_id.to_string() != s.spiffe_id {
+        return Err(format!(
+            "chain is for {}, response says {}",
+            v.spiffe_id, s.spiffe_id
+        ));
+    }
+    Ok(())
+}
+
 /// One Workload API look: the first X509-SVID message, and our trust domain's bundle sequence.
 async fn workload_look(socket: &Path, timeout: Duration) -> (Result<(), String>, Option<u64>) {
     use plinth_api::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
@@ -660,8 +684,10 @@ async fn workload_look(socket: &Path, timeout: Duration) -> (Result<(), String>,
         Err(_) => Err("FetchX509SVID: timeout".to_string()),
         Ok(Err(e)) => Err(format!("FetchX509SVID: {:?}: {}", e.code(), e.message())),
         Ok(Ok(None)) => Err("FetchX509SVID: stream ended".into()),
-        Ok(Ok(Some(m))) if m.svids.is_empty() => Err("FetchX509SVID: no SVID".into()),
-        Ok(Ok(Some(_))) => Ok(()),
+        Ok(Ok(Some(m))) => match m.svids.first() {
+            None => Err("FetchX509SVID: no SVID".into()),
+            Some(s) => verify_against_served_bundle(s).map_err(|e| format!("SVID check: {e}")),
+        },
     };
     let seq = tokio::time::timeout(timeout, async {
         let mut s = c
@@ -719,8 +745,67 @@ pub async fn wait_for_svid(socket: &Path, bound: Duration) -> Result<(), String>
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use plinth_spiffe::{CaTemplate, Signer, SpiffeId, SvidRequest, TrustDomain, X509Authority};
+
+    /// A CA of `td` and an SVID response for `id` signed by it, with `bundle_ca` in the bundle.
+    fn response(td: &str, id: &str, bundle_of_other_ca: bool) -> plinth_api::workload::X509svid {
+        let now = time::OffsetDateTime::now_utc();
+        let ca = |td: &str| {
+            let key = Arc::new(PrivateKey::generate(KeyType::EcP256).unwrap());
+            let tmpl =
+                CaTemplate::new(TrustDomain::new(td).unwrap(), now, Duration::from_secs(600));
+            let der = plinth_spiffe::x509::self_signed_ca(&tmpl, key.clone()).unwrap();
+            (X509Authority::new(der.clone(), vec![], key).unwrap(), der)
+        };
+        let (signer, signer_der) = ca(td);
+        let (_, other_der) = ca(td);
+        let key = PrivateKey::generate(KeyType::EcP256).unwrap();
+        let sid = SpiffeId::new(id).unwrap();
+        let svid = signer
+            .sign_svid(
+                &SvidRequest {
+                    spiffe_id: &sid,
+                    public_key_spki: key.public_key_spki(),
+                    ttl: Duration::from_secs(300),
+                    dns_names: &[],
+                },
+                now,
+            )
+            .unwrap();
+        plinth_api::workload::X509svid {
+            spiffe_id: id.into(),
+            x509_svid: svid.chain_der_concat(),
+            bundle: if bundle_of_other_ca {
+                other_der
+            } else {
+                signer_der
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn svid_check_accepts_a_chain_to_the_served_bundle() {
+        let id = format!("spiffe://{TRUST_DOMAIN}/w");
+        verify_against_served_bundle(&response(TRUST_DOMAIN, &id, false)).unwrap();
+    }
+
+    #[test]
+    fn svid_check_refuses_other_bundles_ids_and_domains() {
+        let id = format!("spiffe://{TRUST_DOMAIN}/w");
+        // Signed by a CA the served bundle does not hold.
+        assert!(verify_against_served_bundle(&response(TRUST_DOMAIN, &id, true)).is_err());
+        // The response names another ID than the chain.
+        let mut r = response(TRUST_DOMAIN, &id, false);
+        r.spiffe_id = format!("spiffe://{TRUST_DOMAIN}/other");
+        assert!(verify_against_served_bundle(&r).is_err());
+        // An SVID of another trust domain.
+        let r = response("elsewhere.test", "spiffe://elsewhere.test/w", false);
+        assert!(verify_against_served_bundle(&r).is_err());
+    }
 
     #[test]
     fn only_a_failed_forward_connection_is_known_not_applied() {
