@@ -42,9 +42,24 @@ pub fn build_server_image(bin: &Path) -> Result<String, ClusterError> {
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_secs());
     let tag = format!("plinth-chaos-server:{}-{mtime}", meta.len());
-    if docker(&["image", "inspect", "--format", "{{.Id}}", &tag]).is_ok() {
-        return Ok(tag);
+    if docker(&["image", "inspect", "--format", "{{.Id}}", &tag]).is_err() {
+        import_server_image(bin, &tag)?;
     }
+    // Older harness images (from earlier server builds) only take space: remove them (one
+    // still used by a concurrent run stays: `docker rmi` refuses, which is fine).
+    if let Ok(tags) = docker(&["images", "plinth-chaos-server", "--format", "{{.Tag}}"]) {
+        for old in tags
+            .lines()
+            .filter(|t| format!("plinth-chaos-server:{t}") != tag)
+        {
+            let _ = docker(&["rmi", &format!("plinth-chaos-server:{old}")]);
+        }
+    }
+    Ok(tag)
+}
+
+/// Assembles the root filesystem for `bin` and loads it as `tag`.
+fn import_server_image(bin: &Path, tag: &str) -> Result<(), ClusterError> {
     let root = tempfile::Builder::new()
         .prefix("plinth-chaos-image-")
         .tempdir()?;
@@ -91,7 +106,7 @@ pub fn build_server_image(bin: &Path) -> Result<String, ClusterError> {
             "--change",
             "ENTRYPOINT [\"/usr/local/bin/plinth-server\"]",
             "-",
-            &tag,
+            tag,
         ])
         .stdin(stdout)
         .stdout(Stdio::null())
@@ -99,7 +114,7 @@ pub fn build_server_image(bin: &Path) -> Result<String, ClusterError> {
     if !st.success() {
         return Err(ClusterError::Api("docker import failed".into()));
     }
-    Ok(tag)
+    Ok(())
 }
 
 /// A run's network and containers.
