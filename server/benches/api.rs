@@ -70,6 +70,7 @@ async fn tls_channel(
             let cfg = cfg.clone();
             async move {
                 let tcp = tokio::net::TcpStream::connect(addr).await?;
+                tcp.set_nodelay(true)?;
                 let name = rustls::pki_types::ServerName::try_from("plinth-server").unwrap();
                 let tls = tokio_rustls::TlsConnector::from(cfg)
                     .connect(name, tcp)

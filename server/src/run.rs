@@ -43,8 +43,16 @@ impl RunningServer {
     /// Stops serving and shuts Raft down.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
-        for t in self.tasks {
-            let _ = t.await;
+        // Graceful shutdown waits for open streams (agents' sync streams never end by
+        // themselves): give them a moment, then stop the task.
+        for mut t in self.tasks {
+            if tokio::time::timeout(Duration::from_secs(2), &mut t)
+                .await
+                .is_err()
+            {
+                t.abort();
+                let _ = t.await;
+            }
         }
         let core = self.core;
         // The API tasks held the only other references; wait briefly for them to drop.

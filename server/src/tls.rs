@@ -182,16 +182,21 @@ pub async fn maintain<S: Replicated>(
                 tracing::warn!(error = %e, "server SVID rotation failed; will retry");
             }
         }
-        tokio::select! {
-            r = changes.recv() => {
-                if let Ok(ev) = r {
-                    if !matches!(ev.change, Change::BundlePut { .. } | Change::Reset | Change::AuthorityPut { .. }) {
-                        continue;
-                    }
-                }
+        // Wait for a change that matters (bundle, authority, snapshot) or the tick; other
+        // applied changes are skipped here without reloading anything.
+        loop {
+            tokio::select! {
+                r = changes.recv() => match r {
+                    Ok(ev) if !matches!(
+                        ev.change,
+                        Change::BundlePut { .. } | Change::Reset | Change::AuthorityPut { .. }
+                    ) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    _ => break,
+                },
+                _ = tick.tick() => break,
+                _ = stop.changed() => return,
             }
-            _ = tick.tick() => {}
-            _ = stop.changed() => return,
         }
     }
 }
@@ -220,7 +225,11 @@ pub fn incoming(
                 _ = stop.changed() => return,
             };
             let (sock, addr) = match accepted {
-                Ok(x) => x,
+                // Small gRPC frames must not wait for delayed ACKs (Nagle): ~40 ms per round trip.
+                Ok(x) => {
+                    let _ = x.0.set_nodelay(true);
+                    x
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;

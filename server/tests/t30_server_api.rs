@@ -471,6 +471,7 @@ async fn tls_channel(
             let cfg = cfg.clone();
             async move {
                 let tcp = tokio::net::TcpStream::connect(addr).await?;
+                tcp.set_nodelay(true)?;
                 let name = rustls::pki_types::ServerName::try_from("plinth-server").unwrap();
                 let tls = tokio_rustls::TlsConnector::from(cfg)
                     .connect(name, tcp)
@@ -707,7 +708,7 @@ async fn t41_sync_resumes_from_what_the_agent_holds() {
     )
     .await
     .unwrap();
-    let mut stream = services
+    let stream = services
         .entry()
         .sync_authorized_entries(as_peer(
             pb::SyncAuthorizedEntriesRequest {
@@ -733,7 +734,7 @@ async fn t41_sync_resumes_from_what_the_agent_holds() {
     assert_eq!(first.deleted_ids, vec![gone.id]);
     assert!(first.bundle.is_some());
     // A fresh agent (nothing known) gets the full set.
-    let mut stream = services
+    let stream = services
         .entry()
         .sync_authorized_entries(as_peer(pb::SyncAuthorizedEntriesRequest::default(), &a))
         .await
