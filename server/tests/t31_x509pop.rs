@@ -106,28 +106,26 @@ async fn x509pop(
         .attest_agent(ReceiverStream::new(rx))
         .await?
         .into_inner();
-    loop {
-        let m = stream
-            .message()
-            .await?
-            .ok_or_else(|| tonic::Status::internal("stream ended"))?;
-        match m.step {
-            Some(pb::attest_agent_response::Step::Challenge(nonce)) => {
-                tx.send(pb::AttestAgentRequest {
-                    step: Some(pb::attest_agent_request::Step::ChallengeResponse(respond(
-                        &nonce,
-                    ))),
-                })
-                .await
-                .unwrap();
-                return match stream.message().await?.and_then(|m| m.step) {
-                    Some(pb::attest_agent_response::Step::Result(r)) => Ok(r),
-                    other => Err(tonic::Status::internal(format!("unexpected {other:?}"))),
-                };
+    let m = stream
+        .message()
+        .await?
+        .ok_or_else(|| tonic::Status::internal("stream ended"))?;
+    match m.step {
+        Some(pb::attest_agent_response::Step::Challenge(nonce)) => {
+            tx.send(pb::AttestAgentRequest {
+                step: Some(pb::attest_agent_request::Step::ChallengeResponse(respond(
+                    &nonce,
+                ))),
+            })
+            .await
+            .unwrap();
+            match stream.message().await?.and_then(|m| m.step) {
+                Some(pb::attest_agent_response::Step::Result(r)) => Ok(r),
+                other => Err(tonic::Status::internal(format!("unexpected {other:?}"))),
             }
-            Some(pb::attest_agent_response::Step::Result(r)) => return Ok(r),
-            None => return Err(tonic::Status::internal("empty message")),
         }
+        Some(pb::attest_agent_response::Step::Result(r)) => Ok(r),
+        None => Err(tonic::Status::internal("empty message")),
     }
 }
 

@@ -77,7 +77,7 @@ async fn t70_cli_against_a_running_server() {
             "unknown key named: {}",
             v.stderr
         );
-        assert_eq!(v.stderr.trim().lines().count() >= 1, true);
+        assert_eq!(v.stderr.trim().lines().count(), 1, "{}", v.stderr);
         v
     })
     .await
