@@ -392,18 +392,17 @@ impl Config {
         } else {
             text.to_owned()
         };
-        let file: FileConfig =
-            toml::from_str(&text).map_err(|e| {
-                // One line, "line N: message", rather than toml's multi-line snippet.
-                let line = e
-                    .span()
-                    .map(|sp| text[..sp.start.min(text.len())].matches('\n').count() + 1);
-                let msg = e.message().trim().replace('\n', " ");
-                ConfigError::Parse(match line {
-                    Some(l) => format!("line {l}: {msg}"),
-                    None => msg,
-                })
-            })?;
+        let file: FileConfig = toml::from_str(&text).map_err(|e| {
+            // One line, "line N: message", rather than toml's multi-line snippet.
+            let line = e
+                .span()
+                .map(|sp| text[..sp.start.min(text.len())].matches('\n').count() + 1);
+            let msg = e.message().trim().replace('\n', " ");
+            ConfigError::Parse(match line {
+                Some(l) => format!("line {l}: {msg}"),
+                None => msg,
+            })
+        })?;
         Self::validate(file)
     }
 
