@@ -109,6 +109,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+type KeyMap = Mutex<BTreeMap<String, Arc<PrivateKey>>>;
+
+fn lookup(keys: &KeyMap, id: &str) -> Result<Option<Arc<dyn Signer>>, KeyManagerError> {
+    validate_key_id(id)?;
+    Ok(lock(keys).get(id).map(|k| k.clone() as Arc<dyn Signer>))
+}
+
+fn list(keys: &KeyMap) -> Vec<NamedKey> {
+    lock(keys)
+        .iter()
+        .map(|(id, k)| (id.clone(), k.clone() as Arc<dyn Signer>))
+        .collect()
+}
+
 impl KeyManager for MemoryKeyManager {
     fn name(&self) -> &'static str {
         "memory"
@@ -126,17 +140,11 @@ impl KeyManager for MemoryKeyManager {
     }
 
     fn get_key(&self, id: &str) -> Result<Option<Arc<dyn Signer>>, KeyManagerError> {
-        validate_key_id(id)?;
-        Ok(lock(&self.keys)
-            .get(id)
-            .map(|k| k.clone() as Arc<dyn Signer>))
+        lookup(&self.keys, id)
     }
 
     fn get_keys(&self) -> Result<Vec<NamedKey>, KeyManagerError> {
-        Ok(lock(&self.keys)
-            .iter()
-            .map(|(id, k)| (id.clone(), k.clone() as Arc<dyn Signer>))
-            .collect())
+        Ok(list(&self.keys))
     }
 }
 
@@ -244,17 +252,11 @@ impl KeyManager for DiskKeyManager {
     }
 
     fn get_key(&self, id: &str) -> Result<Option<Arc<dyn Signer>>, KeyManagerError> {
-        validate_key_id(id)?;
-        Ok(lock(&self.cache)
-            .get(id)
-            .map(|k| k.clone() as Arc<dyn Signer>))
+        lookup(&self.cache, id)
     }
 
     fn get_keys(&self) -> Result<Vec<NamedKey>, KeyManagerError> {
-        Ok(lock(&self.cache)
-            .iter()
-            .map(|(id, k)| (id.clone(), k.clone() as Arc<dyn Signer>))
-            .collect())
+        Ok(list(&self.cache))
     }
 }
 

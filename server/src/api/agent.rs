@@ -38,24 +38,6 @@ fn attest_status(e: AttestError) -> Status {
     }
 }
 
-fn random_token() -> Result<String, Status> {
-    let mut b = [0u8; 16];
-    SystemRandom::new()
-        .fill(&mut b)
-        .map_err(|_| Status::internal("random generator failed"))?;
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex::encode(b);
-    Ok(format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    ))
-}
-
 type AttestStream = Pin<Box<dyn Stream<Item = Result<pb::AttestAgentResponse, Status>> + Send>>;
 
 impl<S: Replicated> AgentApi<S> {
@@ -295,7 +277,7 @@ impl<S: Replicated> AgentService for AgentApi<S> {
             t => t,
         };
         let token = if r.token.is_empty() {
-            random_token()?
+            super::convert::new_uuid()?
         } else {
             r.token.clone()
         };
@@ -328,7 +310,7 @@ impl<S: Replicated> AgentService for AgentApi<S> {
             let agent_id = join_token_agent_id(&self.0.cfg.trust_domain, &token)
                 .map_err(|_| Status::internal("token"))?;
             let entry = plinth_storage::RegistrationEntry {
-                id: super::convert::new_entry_id()?,
+                id: super::convert::new_uuid()?,
                 spiffe_id: alias,
                 parent_id: agent_id.clone(),
                 selectors: Selectors::parse_all(&[format!("spiffe_id:{agent_id}")])

@@ -10,8 +10,8 @@ fn bad(field: &str, e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("invalid {field}: {e}"))
 }
 
-/// A random entry ID in UUID v4 form, as SPIRE makes them.
-pub fn new_entry_id() -> Result<String, Status> {
+/// A random UUID v4, as SPIRE makes entry IDs and join tokens.
+pub fn new_uuid() -> Result<String, Status> {
     let mut b = [0u8; 16];
     SystemRandom::new()
         .fill(&mut b)
@@ -95,7 +95,7 @@ pub fn entry_from_proto(e: &pb::Entry, td: &TrustDomain) -> Result<RegistrationE
         return Err(bad("hint", "longer than 1024 bytes"));
     }
     let id = if e.id.is_empty() {
-        new_entry_id()?
+        new_uuid()?
     } else {
         if e.id.len() > 255
             || !e
