@@ -177,7 +177,7 @@ impl<S: Replicated> AgentService for AgentApi<S> {
         &self,
         req: Request<pb::CountAgentsRequest>,
     ) -> Result<Response<pb::CountAgentsResponse>, Status> {
-        self.0.require_admin(&req)?;
+        self.0.require_admin(&req).await?;
         let n = self.filtered(req.get_ref().filter.as_ref()).await?.len();
         Ok(Response::new(pb::CountAgentsResponse {
             count: i32::try_from(n).unwrap_or(i32::MAX),
@@ -188,7 +188,7 @@ impl<S: Replicated> AgentService for AgentApi<S> {
         &self,
         req: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
-        self.0.require_admin(&req)?;
+        self.0.require_admin(&req).await?;
         let r = req.get_ref();
         let all = self.filtered(r.filter.as_ref()).await?;
         let size = match r.page_size {
@@ -218,7 +218,7 @@ impl<S: Replicated> AgentService for AgentApi<S> {
         &self,
         req: Request<pb::GetAgentRequest>,
     ) -> Result<Response<pb::Agent>, Status> {
-        self.0.require_admin(&req)?;
+        self.0.require_admin(&req).await?;
         let id = parse_id(&req.get_ref().spiffe_id)?;
         self.0.state.linearizable().await.map_err(state_status)?;
         let a = self
@@ -235,7 +235,7 @@ impl<S: Replicated> AgentService for AgentApi<S> {
         &self,
         req: Request<pb::BanAgentRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
-        self.0.require_admin(&req)?;
+        self.0.require_admin(&req).await?;
         let id = parse_id(&req.get_ref().spiffe_id)?;
         self.0
             .state
@@ -252,7 +252,7 @@ impl<S: Replicated> AgentService for AgentApi<S> {
         &self,
         req: Request<pb::DeleteAgentRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
-        self.0.require_admin(&req)?;
+        self.0.require_admin(&req).await?;
         let id = parse_id(&req.get_ref().spiffe_id)?;
         self.0
             .state
@@ -269,7 +269,7 @@ impl<S: Replicated> AgentService for AgentApi<S> {
         &self,
         req: Request<pb::CreateJoinTokenRequest>,
     ) -> Result<Response<pb::JoinToken>, Status> {
-        self.0.require_admin(&req)?;
+        self.0.require_admin(&req).await?;
         let r = req.get_ref();
         let ttl = match r.ttl {
             0 => DEFAULT_JOIN_TOKEN_TTL,

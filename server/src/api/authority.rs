@@ -63,7 +63,7 @@ impl<S: Replicated> LocalAuthorityService for AuthorityApi<S> {
         &self,
         req: Request<pb::AuthorityRequest>,
     ) -> Result<Response<pb::AuthorityStateResponse>, Status> {
-        self.0.require_admin(&req)?;
+        self.0.require_admin(&req).await?;
         let k = req.get_ref().kind.clone();
         let node = self.0.state.node_id();
         let authorities = self
@@ -82,7 +82,7 @@ impl<S: Replicated> LocalAuthorityService for AuthorityApi<S> {
         &self,
         req: Request<pb::AuthorityRequest>,
     ) -> Result<Response<pb::AuthorityState>, Status> {
-        self.0.require_admin(&req)?;
+        self.0.require_admin(&req).await?;
         let a = self
             .0
             .ca
@@ -96,7 +96,7 @@ impl<S: Replicated> LocalAuthorityService for AuthorityApi<S> {
         &self,
         req: Request<pb::AuthorityRequest>,
     ) -> Result<Response<pb::AuthorityState>, Status> {
-        self.0.require_admin(&req)?;
+        self.0.require_admin(&req).await?;
         let a = self
             .0
             .ca
@@ -110,7 +110,7 @@ impl<S: Replicated> LocalAuthorityService for AuthorityApi<S> {
         &self,
         req: Request<pb::AuthorityRequest>,
     ) -> Result<Response<pb::AuthorityState>, Status> {
-        self.0.require_admin(&req)?;
+        self.0.require_admin(&req).await?;
         let id = Self::require_id(req.get_ref())?;
         let a = self.0.ca.taint(id).await.map_err(ca_status)?;
         Ok(Response::new(to_proto(self.0.state.node_id(), &a)))
@@ -120,7 +120,7 @@ impl<S: Replicated> LocalAuthorityService for AuthorityApi<S> {
         &self,
         req: Request<pb::AuthorityRequest>,
     ) -> Result<Response<pb::AuthorityState>, Status> {
-        self.0.require_admin(&req)?;
+        self.0.require_admin(&req).await?;
         let id = Self::require_id(req.get_ref())?;
         let a = self.0.ca.revoke(id).await.map_err(ca_status)?;
         Ok(Response::new(to_proto(self.0.state.node_id(), &a)))

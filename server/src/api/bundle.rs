@@ -40,7 +40,7 @@ impl<S: Replicated> BundleService for BundleApi<S> {
         &self,
         req: Request<pb::ListFederatedBundlesRequest>,
     ) -> Result<Response<pb::ListFederatedBundlesResponse>, Status> {
-        self.0.require_admin(&req)?;
+        self.0.require_admin(&req).await?;
         self.0.state.linearizable().await.map_err(state_status)?;
         let bundles = self
             .0
@@ -59,7 +59,7 @@ impl<S: Replicated> BundleService for BundleApi<S> {
         &self,
         req: Request<pb::GetFederatedBundleRequest>,
     ) -> Result<Response<pb::Bundle>, Status> {
-        self.0.require_admin(&req)?;
+        self.0.require_admin(&req).await?;
         let td = parse_td(&req.get_ref().trust_domain)?;
         if td == self.0.cfg.trust_domain {
             return Err(Status::invalid_argument(
@@ -81,7 +81,7 @@ impl<S: Replicated> BundleService for BundleApi<S> {
         &self,
         req: Request<pb::SetFederatedBundleRequest>,
     ) -> Result<Response<pb::Bundle>, Status> {
-        self.0.require_admin(&req)?;
+        self.0.require_admin(&req).await?;
         let b = req
             .get_ref()
             .bundle
@@ -110,7 +110,7 @@ impl<S: Replicated> BundleService for BundleApi<S> {
         &self,
         req: Request<pb::DeleteFederatedBundleRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
-        self.0.require_admin(&req)?;
+        self.0.require_admin(&req).await?;
         let td = parse_td(&req.get_ref().trust_domain)?;
         if td == self.0.cfg.trust_domain {
             return Err(Status::invalid_argument(

@@ -47,7 +47,7 @@ impl<S: Replicated> ClusterService for ClusterApi<S> {
         &self,
         req: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
-        self.0.require_admin(&req)?;
+        self.0.require_admin(&req).await?;
         Ok(Response::new(ClusterApi::status(self).await))
     }
 
@@ -55,7 +55,7 @@ impl<S: Replicated> ClusterService for ClusterApi<S> {
         &self,
         req: Request<pb::AddNodeRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
-        self.0.require_admin(&req)?;
+        self.0.require_admin(&req).await?;
         let r = req.get_ref();
         if r.node_id == 0 || r.address.is_empty() {
             return Err(Status::invalid_argument("node_id and address are required"));
@@ -72,7 +72,7 @@ impl<S: Replicated> ClusterService for ClusterApi<S> {
         &self,
         req: Request<pb::RemoveNodeRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
-        self.0.require_admin(&req)?;
+        self.0.require_admin(&req).await?;
         self.0
             .state
             .remove_node(req.get_ref().node_id)

@@ -96,7 +96,7 @@ impl<S: Replicated> EntryService for EntryApi<S> {
         &self,
         req: Request<pb::CountEntriesRequest>,
     ) -> Result<Response<pb::CountEntriesResponse>, Status> {
-        self.0.require_admin(&req)?;
+        self.0.require_admin(&req).await?;
         let n = self.filtered(req.get_ref().filter.as_ref()).await?.len();
         Ok(Response::new(pb::CountEntriesResponse {
             count: i32::try_from(n).unwrap_or(i32::MAX),
@@ -107,7 +107,7 @@ impl<S: Replicated> EntryService for EntryApi<S> {
         &self,
         req: Request<pb::ListEntriesRequest>,
     ) -> Result<Response<pb::ListEntriesResponse>, Status> {
-        self.0.require_admin(&req)?;
+        self.0.require_admin(&req).await?;
         let r = req.get_ref();
         if r.page_size < 0 {
             return Err(Status::invalid_argument("page_size must not be negative"));
@@ -138,7 +138,7 @@ impl<S: Replicated> EntryService for EntryApi<S> {
         &self,
         req: Request<pb::GetEntryRequest>,
     ) -> Result<Response<pb::Entry>, Status> {
-        self.0.require_admin(&req)?;
+        self.0.require_admin(&req).await?;
         self.0.state.linearizable().await.map_err(state_status)?;
         let id = &req.get_ref().id;
         let e = self
@@ -155,7 +155,7 @@ impl<S: Replicated> EntryService for EntryApi<S> {
         &self,
         req: Request<pb::BatchCreateEntryRequest>,
     ) -> Result<Response<pb::BatchCreateEntryResponse>, Status> {
-        self.0.require_admin(&req)?;
+        self.0.require_admin(&req).await?;
         let mut results = Vec::new();
         for e in &req.get_ref().entries {
             let r = match entry_from_proto(e, self.td()) {
@@ -186,7 +186,7 @@ impl<S: Replicated> EntryService for EntryApi<S> {
         &self,
         req: Request<pb::BatchUpdateEntryRequest>,
     ) -> Result<Response<pb::BatchUpdateEntryResponse>, Status> {
-        self.0.require_admin(&req)?;
+        self.0.require_admin(&req).await?;
         let mut results = Vec::new();
         for e in &req.get_ref().entries {
             let r = if e.id.is_empty() {
@@ -234,7 +234,7 @@ impl<S: Replicated> EntryService for EntryApi<S> {
         &self,
         req: Request<pb::BatchDeleteEntryRequest>,
     ) -> Result<Response<pb::BatchDeleteEntryResponse>, Status> {
-        self.0.require_admin(&req)?;
+        self.0.require_admin(&req).await?;
         let mut results = Vec::new();
         for id in &req.get_ref().ids {
             let r = self

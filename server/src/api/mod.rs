@@ -75,8 +75,9 @@ impl<S: Replicated> ServerCore<S> {
         Caller::Anonymous
     }
 
-    /// Admits local admins, SVIDs in `admin_ids`, and SVIDs issued from an entry marked admin.
-    pub fn require_admin<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+    /// Admits local admins, SVIDs in `admin_ids`, and SVIDs issued from an entry marked admin
+    /// (read linearizably, so an admin flag removed on any server counts at once).
+    pub async fn require_admin<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         let caller = Self::caller(req);
         match &caller {
             Caller::LocalAdmin => Ok(caller),
@@ -84,6 +85,7 @@ impl<S: Replicated> ServerCore<S> {
                 if self.cfg.admin_ids.contains(&p.spiffe_id) {
                     return Ok(caller);
                 }
+                self.state.linearizable().await.map_err(state_status)?;
                 let admin_entry = self
                     .state
                     .store()

@@ -43,7 +43,7 @@ impl<S: Replicated> SvidService for SvidApi<S> {
         &self,
         req: Request<pb::MintX509SvidRequest>,
     ) -> Result<Response<pb::MintX509SvidResponse>, Status> {
-        self.0.require_admin(&req)?;
+        self.0.require_admin(&req).await?;
         let r = req.get_ref();
         let id = SpiffeId::new_with_path(&r.spiffe_id)
             .map_err(|e| Status::invalid_argument(format!("invalid SPIFFE ID: {e}")))?;
@@ -70,7 +70,7 @@ impl<S: Replicated> SvidService for SvidApi<S> {
         &self,
         req: Request<pb::MintJwtSvidRequest>,
     ) -> Result<Response<pb::MintJwtSvidResponse>, Status> {
-        self.0.require_admin(&req)?;
+        self.0.require_admin(&req).await?;
         let r = req.get_ref();
         let id = SpiffeId::new_with_path(&r.spiffe_id)
             .map_err(|e| Status::invalid_argument(format!("invalid SPIFFE ID: {e}")))?;
