@@ -406,7 +406,10 @@ impl Syncer {
             None => None,
         };
         // The server sends the whole list when it changes (and with every full set).
-        let federated = if msg.full || !msg.federated_bundles.is_empty() {
+        let federated = if msg.full
+            || msg.federated_bundles_changed
+            || !msg.federated_bundles.is_empty()
+        {
             let mut set = Vec::new();
             for b in &msg.federated_bundles {
                 match bundle_from_proto(b) {

@@ -745,3 +745,64 @@ async fn t41_sync_resumes_from_what_the_agent_holds() {
     assert!(first.full);
     assert_eq!(first.upserted.len(), 3);
 }
+
+#[tokio::test]
+async fn t42_sync_pushes_federated_bundles_including_their_removal() {
+    use futures::StreamExt;
+    use plinth_api::server::bundle_service_client::BundleServiceClient;
+    let h = harness().await;
+    let ch = admin_channel(&h).await;
+    let (a, _) = attest(&ch, &token(&ch).await).await.unwrap();
+    // A foreign trust domain's bundle, and an entry that federates with it.
+    let fk = Arc::new(PrivateKey::generate(KeyType::EcP256).unwrap());
+    let fca = plinth_spiffe::x509::self_signed_ca(
+        &plinth_spiffe::CaTemplate::new(
+            plinth_spiffe::TrustDomain::new("partner.org").unwrap(),
+            time::OffsetDateTime::now_utc(),
+            Duration::from_secs(3600),
+        ),
+        fk,
+    )
+    .unwrap();
+    BundleServiceClient::new(ch.clone())
+        .set_federated_bundle(pb::SetFederatedBundleRequest {
+            bundle: Some(pb::Bundle {
+                trust_domain: "partner.org".into(),
+                x509_authorities: vec![fca],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let mut e = entry("spiffe://example.org/fed", &a.spiffe_id, ("unix", "uid:1"));
+    e.federates_with = vec!["partner.org".into()];
+    create(&ch, e).await.unwrap();
+    let services = Services::new(h.server.core.clone());
+    let stream = services
+        .entry()
+        .sync_authorized_entries(as_peer(pb::SyncAuthorizedEntriesRequest::default(), &a))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stream = Box::pin(stream);
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(first.federated_bundles_changed);
+    assert_eq!(first.federated_bundles.len(), 1);
+    assert_eq!(first.federated_bundles[0].trust_domain, "partner.org");
+    BundleServiceClient::new(ch.clone())
+        .delete_federated_bundle(pb::DeleteFederatedBundleRequest {
+            trust_domain: "partner.org".into(),
+        })
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        next.federated_bundles_changed,
+        "removal is an explicit change"
+    );
+    assert!(next.federated_bundles.is_empty());
+}

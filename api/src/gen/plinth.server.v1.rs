@@ -333,6 +333,10 @@ pub struct SyncAuthorizedEntriesResponse {
     /// Federated bundles the agent's entries federate with, sent when they changed.
     #[prost(message, repeated, tag = "6")]
     pub federated_bundles: ::prost::alloc::vec::Vec<Bundle>,
+    /// True when federated_bundles is the new complete set (it may be empty: every federated
+    /// bundle was dropped); false when the federated bundles did not change.
+    #[prost(bool, tag = "7")]
+    pub federated_bundles_changed: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

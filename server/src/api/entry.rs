@@ -383,6 +383,7 @@ async fn sync_loop<S: Replicated>(
                     .collect();
                 if full || fed_now != view.federated {
                     m.federated_bundles = federated;
+                    m.federated_bundles_changed = true;
                 }
                 view = AgentView {
                     entries: entries
@@ -398,7 +399,7 @@ async fn sync_loop<S: Replicated>(
                     || !m.upserted.is_empty()
                     || !m.deleted_ids.is_empty()
                     || m.bundle.is_some()
-                    || !m.federated_bundles.is_empty();
+                    || m.federated_bundles_changed;
                 changed.then_some(Ok(m))
             }
             Err(s) => {
