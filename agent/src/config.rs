@@ -18,6 +18,11 @@
 //! [workload_attestor.unix]
 //! discover_workload_path = false
 //! workload_size_limit = 0
+//!
+//! [workload_attestor.docker]                  # present: docker selectors are on
+//! docker_socket_path = "/var/run/docker.sock" # the default; `unix://` prefix accepted
+//!
+//! [workload_attestor.systemd]                 # present: systemd:id selectors are on
 //! ```
 //!
 //! Unknown keys are errors that name the key. [`Config::load`] parses and validates; the result
@@ -28,6 +33,8 @@ use std::path::{Path, PathBuf};
 use plinth_spiffe::TrustDomain;
 use serde::Deserialize;
 
+use crate::attest::docker::DockerAttestorConfig;
+use crate::attest::systemd::SystemdAttestorConfig;
 use crate::attest::unix::UnixAttestorConfig;
 
 /// Where the Workload API socket goes unless configured (like SPIRE's `/tmp/spire-agent/...`).
@@ -117,7 +124,20 @@ struct X509PopSection {
 #[serde(deny_unknown_fields)]
 struct WorkloadAttestorSection {
     unix: Option<UnixSection>,
+    docker: Option<DockerSection>,
+    systemd: Option<SystemdSection>,
 }
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DockerSection {
+    #[serde(default)]
+    docker_socket_path: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SystemdSection {}
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -183,6 +203,10 @@ pub struct Config {
     pub bootstrap: Bootstrap,
     pub node_attestor: NodeAttestor,
     pub unix: UnixAttestorConfig,
+    /// The docker attestor, if `[workload_attestor.docker]` is present.
+    pub docker: Option<DockerAttestorConfig>,
+    /// The systemd attestor, if `[workload_attestor.systemd]` is present.
+    pub systemd: Option<SystemdAttestorConfig>,
     /// A `tracing` level: trace, debug, info, warn or error.
     pub log_level: String,
 }
@@ -318,6 +342,27 @@ impl Config {
             },
             ..UnixAttestorConfig::default()
         };
+        let docker = match f.workload_attestor.docker {
+            None => None,
+            Some(d) => {
+                let mut c = DockerAttestorConfig::default();
+                if let Some(p) = d.docker_socket_path {
+                    let p = p.strip_prefix("unix://").unwrap_or(&p);
+                    if !p.starts_with('/') {
+                        return Err(invalid(
+                            "workload_attestor.docker.docker_socket_path",
+                            format!("{p:?} is not an absolute path to a Unix socket"),
+                        ));
+                    }
+                    c.docker_socket_path = p.into();
+                }
+                Some(c)
+            }
+        };
+        let systemd = f
+            .workload_attestor
+            .systemd
+            .map(|_| SystemdAttestorConfig::default());
         Ok(Self {
             trust_domain,
             server_addresses: a.server_addresses,
@@ -326,6 +371,8 @@ impl Config {
             bootstrap,
             node_attestor,
             unix,
+            docker,
+            systemd,
             log_level: log_level(a.log_level.as_deref().unwrap_or("INFO"))?,
         })
     }
@@ -375,9 +422,12 @@ token = "abc"
         let text = MINIMAL.replace("[agent]\n", "[agent]\nserver_adress = \"x:1\"\n");
         let e = Config::parse(&text).unwrap_err().to_string();
         assert!(e.contains("server_adress"), "{e}");
-        let text = format!("{MINIMAL}\n[workload_attestor.docker]\n");
+        let text = format!("{MINIMAL}\n[workload_attestor.dockr]\n");
         let e = Config::parse(&text).unwrap_err().to_string();
-        assert!(e.contains("docker"), "{e}");
+        assert!(e.contains("dockr"), "{e}");
+        let text = format!("{MINIMAL}\n[workload_attestor.docker]\nsocket = \"/x\"\n");
+        let e = Config::parse(&text).unwrap_err().to_string();
+        assert!(e.contains("socket"), "{e}");
     }
 
     #[test]
@@ -458,6 +508,41 @@ token = "abc"
         assert_eq!(
             Config::parse(&text).unwrap().unix.sha256_size_limit,
             Some(DEFAULT_WORKLOAD_SIZE_LIMIT)
+        );
+    }
+
+    #[test]
+    fn docker_and_systemd_attestors() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.docker, None);
+        assert_eq!(c.systemd, None);
+        let c = Config::parse(&format!(
+            "{MINIMAL}\n[workload_attestor.docker]\n[workload_attestor.systemd]\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.docker.unwrap().docker_socket_path,
+            PathBuf::from("/var/run/docker.sock")
+        );
+        assert_eq!(c.systemd, Some(SystemdAttestorConfig::default()));
+        for (value, want) in [
+            ("/run/d.sock", "/run/d.sock"),
+            ("unix:///var/run/other.sock", "/var/run/other.sock"),
+        ] {
+            let c = Config::parse(&format!(
+                "{MINIMAL}\n[workload_attestor.docker]\ndocker_socket_path = \"{value}\"\n"
+            ))
+            .unwrap();
+            assert_eq!(c.docker.unwrap().docker_socket_path, PathBuf::from(want));
+        }
+        let e = Config::parse(&format!(
+            "{MINIMAL}\n[workload_attestor.docker]\ndocker_socket_path = \"tcp://h:2375\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("workload_attestor.docker.docker_socket_path"),
+            "{e}"
         );
     }
 }

@@ -13,6 +13,8 @@ use plinth_spiffe::{Bundle, BundleSet};
 use rand::Rng;
 use time::OffsetDateTime;
 
+use crate::attest::docker::DockerAttestor;
+use crate::attest::systemd::SystemdAttestor;
 use crate::attest::unix::UnixAttestor;
 use crate::attest::WorkloadAttestor;
 use crate::cache::IdentityCache;
@@ -260,8 +262,14 @@ async fn main_loop(agent: &Agent) -> Result<(), RunError> {
     let clock = Arc::new(SystemClock);
     let jwt_source = Arc::new(ServerJwtSource::new(cache.clone()));
     let jwt = Arc::new(JwtSvidCache::new(jwt_source.clone(), clock.clone()));
-    let attestors: Vec<Arc<dyn WorkloadAttestor>> =
+    let mut attestors: Vec<Arc<dyn WorkloadAttestor>> =
         vec![Arc::new(UnixAttestor::new(agent.cfg.unix.clone()))];
+    if let Some(docker) = &agent.cfg.docker {
+        attestors.push(Arc::new(DockerAttestor::new(docker.clone())));
+    }
+    if let Some(systemd) = &agent.cfg.systemd {
+        attestors.push(Arc::new(SystemdAttestor::new(systemd.clone())));
+    }
     let api = WorkloadApi::new(cache.clone(), jwt.clone(), attestors, clock);
     let listener = endpoint::bind(&agent.cfg.socket_path)?;
     tracing::info!(socket = %agent.cfg.socket_path.display(), "serving the Workload API");

@@ -6,7 +6,9 @@
 //! [`Peer::check_same_process`] makes sure the facts came from the process that connected.
 
 pub mod cgroup;
+pub mod docker;
 mod peer;
+pub mod systemd;
 pub mod unix;
 
 use std::fmt;
