@@ -1,7 +1,8 @@
 //! The `plinth-agent` binary: `run -config agent.toml [-joinToken T]` runs the agent,
-//! `validate -config agent.toml` checks a config, and the `api` commands talk to a running
-//! agent's Workload API like `spire-agent api ...` (same flag spellings: `-socketPath`, `-write`,
-//! `-audience`, `-spiffeID`, `-svid`; Go-style single-dash long flags are accepted).
+//! `validate -config agent.toml` checks a config, `healthcheck` checks that a running agent's
+//! Workload API answers, and the `api` commands talk to that Workload API like
+//! `spire-agent api ...` (same flag spellings: `-socketPath`, `-write`, `-audience`, `-spiffeID`,
+//! `-svid`; Go-style single-dash long flags are accepted).
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -49,6 +50,8 @@ enum Command {
         #[arg(long = "config", default_value = "agent.toml")]
         config: PathBuf,
     },
+    /// Check that a running agent's Workload API answers (like `spire-agent healthcheck`).
+    Healthcheck(Common),
     /// Talk to the Workload API of a running agent.
     Api {
         #[command(subcommand)]
@@ -291,7 +294,49 @@ fn run_agent(cfg: Config) -> Result<()> {
     Ok(())
 }
 
+/// The agent is healthy when its Workload API, called as a workload would (security header
+/// included), answers: with SVIDs, or with PermissionDenied when this caller has no identity.
+/// Anything else (no socket, no answer in time, Unavailable while the agent can't attest or
+/// serve, any other error) is unhealthy.
+async fn healthcheck(common: &Common) -> Result<()> {
+    let socket = common.socket()?;
+    let mut client = common.client()?;
+    let call = async {
+        let mut stream = client
+            .fetch_x509svid(X509svidRequest {})
+            .await?
+            .into_inner();
+        match stream.message().await? {
+            Some(_) => Ok(()),
+            None => Err(tonic::Status::unavailable(
+                "the agent closed the stream without an answer",
+            )),
+        }
+    };
+    match tokio::time::timeout(common.timeout(), call).await {
+        Err(_) => bail!(
+            "no answer from the Workload API at {} within {:?}",
+            socket.display(),
+            common.timeout()
+        ),
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) if e.code() == tonic::Code::PermissionDenied => Ok(()),
+        Ok(Err(e)) => {
+            Err(status_err(e)).with_context(|| format!("Workload API at {}", socket.display()))
+        }
+    }
+}
+
 async fn run(command: Command) -> Result<()> {
+    if let Command::Healthcheck(common) = &command {
+        return match healthcheck(common).await {
+            Ok(()) => {
+                println!("Agent is healthy.");
+                Ok(())
+            }
+            Err(e) => bail!("Agent is unhealthy: {e:#}"),
+        };
+    }
     let Command::Api { command } = command else {
         bail!("not an api command");
     };
