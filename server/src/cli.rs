@@ -600,72 +600,13 @@ pub async fn client(cmd: Cmd) -> anyhow::Result<()> {
                 entry_id,
                 socket,
                 out,
-            } => {
-                let json_out = check_output(&out)?;
-                let ch = connect(&socket.socket_path).await?;
-                let server_id = server_id_of(&fields)?;
-                let entry = entry_pb(&fields, &entry_id, server_id.as_deref())?;
-                let r = EntryServiceClient::new(ch)
-                    .batch_create_entry(pb::BatchCreateEntryRequest {
-                        entries: vec![entry],
-                    })
-                    .await
-                    .map_err(status_err)?
-                    .into_inner();
-                let res = r
-                    .results
-                    .into_iter()
-                    .next()
-                    .ok_or_else(|| anyhow!("empty response"))?;
-                let st = res.status.unwrap_or_default();
-                if st.code != 0 {
-                    bail!("failed to create entry: {}", st.message);
-                }
-                let e = res.entry.ok_or_else(|| anyhow!("empty response"))?;
-                if json_out {
-                    println!(
-                        "{}",
-                        json!({"results": [{"status": {"code": 0, "message": "OK"}, "entry": entry_json(&e)}]})
-                    );
-                } else {
-                    print_entry(&e);
-                }
-                Ok(())
-            }
+            } => write_entry(EntryWrite::Create, &fields, &entry_id, &socket, &out).await,
             EntryCmd::Update {
                 fields,
                 entry_id,
                 socket,
                 out,
-            } => {
-                let json_out = check_output(&out)?;
-                let ch = connect(&socket.socket_path).await?;
-                let server_id = server_id_of(&fields)?;
-                let entry = entry_pb(&fields, &entry_id, server_id.as_deref())?;
-                let r = EntryServiceClient::new(ch)
-                    .batch_update_entry(pb::BatchUpdateEntryRequest {
-                        entries: vec![entry],
-                    })
-                    .await
-                    .map_err(status_err)?
-                    .into_inner();
-                let res = r
-                    .results
-                    .into_iter()
-                    .next()
-                    .ok_or_else(|| anyhow!("empty response"))?;
-                let st = res.status.unwrap_or_default();
-                if st.code != 0 {
-                    bail!("failed to update entry: {}", st.message);
-                }
-                let e = res.entry.ok_or_else(|| anyhow!("empty response"))?;
-                if json_out {
-                    println!("{}", entry_json(&e));
-                } else {
-                    print_entry(&e);
-                }
-                Ok(())
-            }
+            } => write_entry(EntryWrite::Update, &fields, &entry_id, &socket, &out).await,
             EntryCmd::Delete { entry_id, socket } => {
                 let ch = connect(&socket.socket_path).await?;
                 let r = EntryServiceClient::new(ch)
@@ -1228,6 +1169,70 @@ pub async fn client(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum EntryWrite {
+    Create,
+    Update,
+}
+
+/// `entry create` and `entry update`: one entry, one batch item, its status as the exit code.
+async fn write_entry(
+    op: EntryWrite,
+    fields: &EntryFields,
+    entry_id: &str,
+    socket: &SocketArgs,
+    out: &OutputArgs,
+) -> anyhow::Result<()> {
+    use pb::entry_service_client::EntryServiceClient;
+    let json_out = check_output(out)?;
+    let ch = connect(&socket.socket_path).await?;
+    let server_id = server_id_of(fields)?;
+    let entries = vec![entry_pb(fields, entry_id, server_id.as_deref())?];
+    let mut client = EntryServiceClient::new(ch);
+    let (verb, status, entry) = match op {
+        EntryWrite::Create => {
+            let r = client
+                .batch_create_entry(pb::BatchCreateEntryRequest { entries })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let res = r
+                .results
+                .into_iter()
+                .next()
+                .ok_or_else(|| anyhow!("empty response"))?;
+            ("create", res.status, res.entry)
+        }
+        EntryWrite::Update => {
+            let r = client
+                .batch_update_entry(pb::BatchUpdateEntryRequest { entries })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let res = r
+                .results
+                .into_iter()
+                .next()
+                .ok_or_else(|| anyhow!("empty response"))?;
+            ("update", res.status, res.entry)
+        }
+    };
+    let st = status.unwrap_or_default();
+    if st.code != 0 {
+        bail!("failed to {verb} entry: {}", st.message);
+    }
+    let e = entry.ok_or_else(|| anyhow!("empty response"))?;
+    match (json_out, op) {
+        (true, EntryWrite::Create) => println!(
+            "{}",
+            json!({"results": [{"status": {"code": 0, "message": "OK"}, "entry": entry_json(&e)}]})
+        ),
+        (true, EntryWrite::Update) => println!("{}", entry_json(&e)),
+        (false, _) => print_entry(&e),
+    }
+    Ok(())
 }
 
 fn unreachable_cmd() -> anyhow::Result<()> {

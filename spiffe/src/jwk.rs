@@ -103,15 +103,14 @@ pub(crate) fn read_key_params(obj: &Map<String, Value>) -> Result<Option<Vec<u8>
     // Round-trip through the SPKI parser so that malformed keys are refused here.
     let info = PublicKeyInfo::from_spki(&raw_spki).map_err(|e| JwkError::BadKey(e.to_string()))?;
     if matches!(info.key_type, KeyType::EcP256 | KeyType::EcP384) {
-        check_point_on_curve(&info)?;
+        check_uncompressed_point(&info)?;
     }
     Ok(Some(info.spki))
 }
 
-fn check_point_on_curve(info: &PublicKeyInfo) -> Result<(), JwkError> {
-    // ring validates the point when verifying; a verify with a dummy signature tells us whether
-    // the key itself was rejected (KeyRejected shows up as a uniform error, so we only check
-    // structural length here and leave curve validation to signature verification).
+/// Checks the point's encoding; whether it lies on the curve is checked by `ring` whenever the
+/// key verifies a signature.
+fn check_uncompressed_point(info: &PublicKeyInfo) -> Result<(), JwkError> {
     let want = if info.key_type == KeyType::EcP256 {
         65
     } else {

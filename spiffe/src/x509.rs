@@ -609,7 +609,9 @@ impl X509Authority {
     }
 }
 
-fn valid_dns_name(name: &str) -> bool {
+/// True for a DNS name an X509-SVID may carry: LDH labels of 1-63 bytes, at most 253 bytes in
+/// all, a wildcard only as the whole first label.
+pub fn valid_dns_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
         && name.split('.').enumerate().all(|(i, label)| {

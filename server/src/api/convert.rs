@@ -44,17 +44,6 @@ pub fn selectors_to_proto(sel: &Selectors) -> Vec<pb::Selector> {
         .collect()
 }
 
-fn valid_dns(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').enumerate().all(|(i, l)| {
-            (l == "*" && i == 0)
-                || (!l.is_empty()
-                    && l.len() <= 63
-                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
-        })
-}
-
 /// Validates an entry from the wire. The SPIFFE ID must be in `td`; IDs are parsed, never
 /// normalised (reliability attack 2). `id` is generated when empty.
 pub fn entry_from_proto(e: &pb::Entry, td: &TrustDomain) -> Result<RegistrationEntry, Status> {
@@ -87,7 +76,7 @@ pub fn entry_from_proto(e: &pb::Entry, td: &TrustDomain) -> Result<RegistrationE
         ));
     }
     for d in &e.dns_names {
-        if !valid_dns(d) {
+        if !plinth_spiffe::x509::valid_dns_name(d) {
             return Err(bad("dns_names", format!("{d:?} is not a DNS name")));
         }
     }
