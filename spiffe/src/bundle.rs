@@ -50,6 +50,22 @@ pub enum BundleError {
     EmptyKid,
 }
 
+/// True if two bundles' authorities are the same sets: X.509 certificates (DER) and JWT
+/// authorities as (key ID, DER SubjectPublicKeyInfo), each compared regardless of order.
+pub fn same_authority_sets(
+    x509_a: &[Vec<u8>],
+    x509_b: &[Vec<u8>],
+    jwt_a: &[(String, Vec<u8>)],
+    jwt_b: &[(String, Vec<u8>)],
+) -> bool {
+    fn sorted<T: Ord + Clone>(v: &[T]) -> Vec<T> {
+        let mut v = v.to_vec();
+        v.sort();
+        v
+    }
+    sorted(x509_a) == sorted(x509_b) && sorted(jwt_a) == sorted(jwt_b)
+}
+
 /// A JWT authority: a key ID and its public key (DER SubjectPublicKeyInfo).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JwtAuthority {
@@ -165,23 +181,18 @@ impl Bundle {
 
     /// True if both bundles hold the same authorities (ignoring order, sequence and hint).
     pub fn same_authorities(&self, other: &Bundle) -> bool {
-        let mut a = self.x509_authorities.clone();
-        let mut b = other.x509_authorities.clone();
-        a.sort();
-        b.sort();
-        let mut ja: Vec<_> = self
-            .jwt_authorities
-            .iter()
-            .map(|j| (&j.key_id, &j.public_key_spki))
-            .collect();
-        let mut jb: Vec<_> = other
-            .jwt_authorities
-            .iter()
-            .map(|j| (&j.key_id, &j.public_key_spki))
-            .collect();
-        ja.sort();
-        jb.sort();
-        a == b && ja == jb
+        let jwt = |b: &Bundle| -> Vec<(String, Vec<u8>)> {
+            b.jwt_authorities
+                .iter()
+                .map(|j| (j.key_id.clone(), j.public_key_spki.clone()))
+                .collect()
+        };
+        same_authority_sets(
+            &self.x509_authorities,
+            &other.x509_authorities,
+            &jwt(self),
+            &jwt(other),
+        )
     }
 
     /// The X.509 authorities as concatenated PEM `CERTIFICATE` blocks.

@@ -156,26 +156,20 @@ impl StoredBundle {
 
     /// True if both hold the same authorities and refresh hint (sequence numbers aside).
     pub fn same_content(&self, other: &StoredBundle) -> bool {
-        let mut a = self.x509_authorities.clone();
-        let mut b = other.x509_authorities.clone();
-        a.sort();
-        b.sort();
-        let mut ja: Vec<_> = self
-            .jwt_authorities
-            .iter()
-            .map(|j| (&j.key_id, &j.public_key_spki))
-            .collect();
-        let mut jb: Vec<_> = other
-            .jwt_authorities
-            .iter()
-            .map(|j| (&j.key_id, &j.public_key_spki))
-            .collect();
-        ja.sort();
-        jb.sort();
+        let jwt = |b: &StoredBundle| -> Vec<(String, Vec<u8>)> {
+            b.jwt_authorities
+                .iter()
+                .map(|j| (j.key_id.clone(), j.public_key_spki.clone()))
+                .collect()
+        };
         self.trust_domain == other.trust_domain
-            && a == b
-            && ja == jb
             && self.refresh_hint_secs == other.refresh_hint_secs
+            && plinth_spiffe::bundle::same_authority_sets(
+                &self.x509_authorities,
+                &other.x509_authorities,
+                &jwt(self),
+                &jwt(other),
+            )
     }
 
     /// Adds the public part of an authority; returns true if the bundle changed.
