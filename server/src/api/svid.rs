@@ -37,6 +37,23 @@ fn audience(a: &[String]) -> Result<Vec<String>, Status> {
     Ok(a.to_vec())
 }
 
+impl<S: Replicated> SvidApi<S> {
+    /// The entries `agent` may get SVIDs for, by entry ID.
+    fn authorized(
+        &self,
+        agent: &plinth_storage::AttestedAgent,
+    ) -> Result<std::collections::BTreeMap<String, plinth_storage::RegistrationEntry>, Status> {
+        authorized_entries(
+            self.0.state.store(),
+            &self.0.cfg.trust_domain,
+            &agent.spiffe_id,
+            &agent.selectors,
+            self.0.now(),
+        )
+        .map_err(fatal)
+    }
+}
+
 #[tonic::async_trait]
 impl<S: Replicated> SvidService for SvidApi<S> {
     async fn mint_x509_svid(
@@ -105,14 +122,7 @@ impl<S: Replicated> SvidService for SvidApi<S> {
                 "at most {MAX_BATCH} CSRs per batch"
             )));
         }
-        let authorized = authorized_entries(
-            self.0.state.store(),
-            &self.0.cfg.trust_domain,
-            &agent.spiffe_id,
-            &agent.selectors,
-            self.0.now(),
-        )
-        .map_err(fatal)?;
+        let authorized = self.authorized(&agent)?;
         let mut results = Vec::with_capacity(params.len());
         for p in params {
             let r = (|| {
@@ -155,14 +165,7 @@ impl<S: Replicated> SvidService for SvidApi<S> {
         let agent = self.0.require_agent(&req).await?;
         let r = req.get_ref();
         let aud = audience(&r.audience)?;
-        let authorized = authorized_entries(
-            self.0.state.store(),
-            &self.0.cfg.trust_domain,
-            &agent.spiffe_id,
-            &agent.selectors,
-            self.0.now(),
-        )
-        .map_err(fatal)?;
+        let authorized = self.authorized(&agent)?;
         let entry = authorized.get(&r.entry_id).ok_or_else(|| {
             Status::permission_denied(format!(
                 "entry {:?} is not authorized to agent {}",
