@@ -237,6 +237,22 @@ impl ProcessCluster {
             }
         };
         let raft_addr = format!("{ip}:{raft_port}");
+        // Servers talk Raft over mTLS, as in production. A joining node starts from the join
+        // kit `add_member` minted (see `mint_kit`); node 1 bootstraps alone and needs none.
+        let kit_dir = if self.docker.is_some() {
+            "/var/lib/plinth/kit".to_string()
+        } else {
+            base.join("data").join("kit").display().to_string()
+        };
+        let peer = if base.join("data").join("kit").join("svid.pem").exists() {
+            format!(
+                "bootstrap_svid_path = \"{kit_dir}/svid.pem\"\n\
+                 bootstrap_key_path = \"{kit_dir}/key.pem\"\n\
+                 trust_bundle_path = \"{kit_dir}/bundle.pem\""
+            )
+        } else {
+            String::new()
+        };
         let c = &self.cfg;
         let text = format!(
             r#"[server]
@@ -252,7 +268,7 @@ node_id = {id}
 bind_address = "{bind_ip}:{raft_port}"
 advertise_address = "{raft_addr}"
 bootstrap = {bootstrap}
-insecure_plaintext = true
+{peer}
 election_timeout_min_ms = {emin}
 election_timeout_max_ms = {emax}
 heartbeat_interval_ms = {hb}
@@ -411,6 +427,7 @@ keys_path = "{data}/keys"
     /// Starts a new node and adds it as a voter through a live member's admin API.
     pub async fn add_member(&mut self, id: u64) -> Result<(), ClusterError> {
         if !self.nodes.contains_key(&id) {
+            self.mint_kit(id).await?;
             self.spawn_new(id, false)?;
         }
         let addr = self.node(id)?.raft_addr.clone();
@@ -446,6 +463,82 @@ keys_path = "{data}/keys"
         Err(ClusterError::Timeout(format!(
             "adding node {id}: {last}\n{}",
             self.log_tail(id, 20)
+        )))
+    }
+
+    /// Mints the join kit of a new node through a live member: its first server SVID, key and
+    /// the trust bundle, as `plinth-server x509 mint -write` would (`<node>/data/kit`).
+    async fn mint_kit(&self, id: u64) -> Result<(), ClusterError> {
+        use plinth_api::server::bundle_service_client::BundleServiceClient;
+        use plinth_api::server::svid_service_client::SvidServiceClient;
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = self
+            .dir
+            .path()
+            .join(format!("node{id}"))
+            .join("data")
+            .join("kit");
+        std::fs::create_dir_all(&dir)?;
+        let api = |e: tonic::Status| ClusterError::Api(e.message().to_owned());
+        let key = std::sync::Arc::new(
+            plinth_spiffe::PrivateKey::generate(plinth_spiffe::KeyType::EcP256)
+                .map_err(|e| ClusterError::Api(e.to_string()))?,
+        );
+        let csr = plinth_spiffe::Csr::create(key.clone())
+            .map_err(|e| ClusterError::Api(e.to_string()))?;
+        let deadline = Instant::now() + self.cfg.start_timeout;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            for via in self.live().into_iter().filter(|v| *v != id) {
+                let ch = admin_channel(&self.node(via)?.admin_socket)?;
+                let minted = tokio::time::timeout(Duration::from_secs(10), async {
+                    let svid = SvidServiceClient::new(ch.clone())
+                        .mint_x509_svid(pb::MintX509SvidRequest {
+                            csr: csr.clone(),
+                            spiffe_id: format!("spiffe://{TRUST_DOMAIN}/spire/server"),
+                            ttl: 0,
+                            dns_names: vec![],
+                        })
+                        .await
+                        .map_err(api)?
+                        .into_inner()
+                        .svid
+                        .ok_or_else(|| ClusterError::Api("empty mint answer".into()))?;
+                    let bundle = BundleServiceClient::new(ch)
+                        .get_bundle(pb::GetBundleRequest {})
+                        .await
+                        .map_err(api)?
+                        .into_inner();
+                    Ok::<_, ClusterError>((svid, bundle))
+                })
+                .await;
+                match minted {
+                    Ok(Ok((svid, bundle))) => {
+                        std::fs::write(
+                            dir.join("svid.pem"),
+                            plinth_spiffe::pem::encode_certs(&svid.cert_chain),
+                        )?;
+                        std::fs::write(
+                            dir.join("bundle.pem"),
+                            plinth_spiffe::pem::encode_certs(&bundle.x509_authorities),
+                        )?;
+                        let mut f = std::fs::OpenOptions::new()
+                            .write(true)
+                            .create(true)
+                            .truncate(true)
+                            .mode(0o600)
+                            .open(dir.join("key.pem"))?;
+                        std::io::Write::write_all(&mut f, key.to_pkcs8_pem().as_bytes())?;
+                        return Ok(());
+                    }
+                    Ok(Err(e)) => last = e.to_string(),
+                    Err(_) => last = "minting timed out".into(),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        Err(ClusterError::Timeout(format!(
+            "a join kit for node {id}: {last}"
         )))
     }
 
