@@ -590,6 +590,35 @@ data_dir = "/tmp/x"
     }
 
     #[test]
+    fn peer_kit_keys_are_checked() {
+        let with = |cluster: &str| format!("{MIN}\n[cluster]\n{cluster}\n");
+        let e = Config::parse(&with("bootstrap_svid_path = \"/k/svid.pem\""), false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bootstrap_key_path"), "{e}");
+        let e = Config::parse(
+            &with("insecure_plaintext = true\ntrust_bundle_path = \"/k/bundle.pem\""),
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cluster.insecure_plaintext"), "{e}");
+        let c = Config::parse(
+            &with(
+                "bootstrap = false\nbootstrap_svid_path = \"/k/svid.pem\"\n\
+                 bootstrap_key_path = \"/k/key.pem\"\ntrust_bundle_path = \"/k/bundle.pem\"",
+            ),
+            false,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            c.file.cluster.bootstrap_key_path,
+            Some(PathBuf::from("/k/key.pem"))
+        );
+        assert!(!c.file.cluster.insecure_plaintext);
+    }
+
+    #[test]
     fn env_expansion_only_when_asked() {
         std::env::set_var("PLINTH_TEST_TD", "env.example");
         let text = MIN.replace("example.org", "${PLINTH_TEST_TD}");

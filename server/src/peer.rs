@@ -219,3 +219,99 @@ pub fn peer_tls(identity: &TlsIdentity, td: &TrustDomain) -> anyhow::Result<Peer
         client: Arc::new(client),
     })
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use plinth_spiffe::x509::{self_signed_ca, CaTemplate, SvidRequest, X509Authority};
+    use plinth_spiffe::KeyType;
+    use std::time::Duration;
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("example.org").unwrap()
+    }
+
+    fn issue(id: &str) -> PeerSvid {
+        let ca_key = Arc::new(PrivateKey::generate(KeyType::EcP256).unwrap());
+        let t = CaTemplate::new(td(), OffsetDateTime::now_utc(), Duration::from_secs(7200));
+        let ca = X509Authority::new(self_signed_ca(&t, ca_key.clone()).unwrap(), vec![], ca_key)
+            .unwrap();
+        let key = Arc::new(PrivateKey::generate(KeyType::EcP256).unwrap());
+        let svid = ca
+            .sign_svid(
+                &SvidRequest {
+                    spiffe_id: &SpiffeId::new(id).unwrap(),
+                    public_key_spki: key.public_key_spki(),
+                    ttl: Duration::from_secs(3600),
+                    dns_names: &[],
+                },
+                OffsetDateTime::now_utc(),
+            )
+            .unwrap();
+        PeerSvid { svid, key }
+    }
+
+    fn cfg(dir: &Path) -> PeerIdentityConfig {
+        PeerIdentityConfig {
+            trust_domain: td(),
+            persisted: dir.join(PEER_SVID_FILE),
+            bootstrap: None,
+            trust_bundle: None,
+        }
+    }
+
+    #[test]
+    fn saved_svid_is_restored_private_and_refused_once_expired() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path());
+        let now = OffsetDateTime::now_utc();
+        assert!(matches!(
+            restore(&TlsIdentity::new(), &c, now).unwrap(),
+            Restored::Nothing(_)
+        ));
+        let p = issue("spiffe://example.org/spire/server");
+        p.save(&c.persisted).unwrap();
+        let mode = std::fs::metadata(&c.persisted)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+        let id = TlsIdentity::new();
+        assert_eq!(restore(&id, &c, now).unwrap(), Restored::Persisted);
+        assert_eq!(
+            id.svid.spiffe_id().unwrap().as_str(),
+            "spiffe://example.org/spire/server"
+        );
+        let later = now + time::Duration::hours(2);
+        match restore(&TlsIdentity::new(), &c, later).unwrap() {
+            Restored::Nothing(why) => assert!(why.contains("expired"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_kit_must_name_the_servers_id_and_match_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = SpiffeId::new("spiffe://example.org/spire/server").unwrap();
+        let other = issue("spiffe://example.org/web");
+        let path = dir.path().join("other.pem");
+        other.save(&path).unwrap();
+        let e = PeerSvid::load(&path, &path, &server).unwrap_err();
+        assert!(format!("{e:#}").contains("servers must present"), "{e:#}");
+        // The chain of one SVID with the key of another.
+        let a = issue("spiffe://example.org/spire/server");
+        let b = issue("spiffe://example.org/spire/server");
+        std::fs::write(dir.path().join("a.pem"), a.svid.chain_pem()).unwrap();
+        std::fs::write(dir.path().join("b.key"), b.key.to_pkcs8_pem()).unwrap();
+        let e = PeerSvid::load(
+            &dir.path().join("a.pem"),
+            &dir.path().join("b.key"),
+            &server,
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("does not match"), "{e:#}");
+    }
+}
