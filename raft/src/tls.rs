@@ -6,17 +6,13 @@
 //! with client authentication before any Raft message is read.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
-use tonic::transport::server::Connected;
 
 /// A peer must finish its handshake within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -36,62 +32,13 @@ pub struct PeerTls {
 /// The name sent in SNI. Peers are identified by their certificate (the verifier), not by name.
 const PEER_SERVER_NAME: &str = "plinth-server";
 
-/// An accepted, handshaken peer connection.
-#[derive(Debug)]
-pub(crate) struct PeerConn(TlsStream<TcpStream>);
-
-impl Connected for PeerConn {
-    type ConnectInfo = ();
-    fn connect_info(&self) {}
-}
-
-impl AsyncRead for PeerConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for PeerConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-}
-
 /// Accepts peer connections and runs their handshakes (bounded, with a timeout); yields the
-/// established ones. Failed handshakes are logged at debug level and dropped. Ends when the
-/// receiver is dropped.
+/// established ones (tonic serves `TlsStream` directly, feature `tls-connect-info`). Failed
+/// handshakes are logged at debug level and dropped. Ends when the receiver is dropped.
 pub(crate) fn accept(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
-) -> mpsc::Receiver<Result<PeerConn, io::Error>> {
+) -> mpsc::Receiver<Result<TlsStream<TcpStream>, io::Error>> {
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let (tx, rx) = mpsc::channel(16);
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
@@ -121,7 +68,7 @@ pub(crate) fn accept(
                 let _permit = permit;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
                     Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(PeerConn(stream))).await;
+                        let _ = tx.send(Ok(stream)).await;
                     }
                     Ok(Err(e)) => {
                         tracing::debug!(%addr, error = %e, "peer TLS handshake failed");

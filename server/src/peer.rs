@@ -20,7 +20,6 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context};
 use plinth_raft::PeerTls;
 use plinth_spiffe::tls::{self, Authorizer, BundleSource, ClientAuth, SvidSource};
-use plinth_spiffe::x509::{cert_not_after, cert_public_key_spki, spiffe_id_of};
 use plinth_spiffe::{Bundle, BundleSet, PrivateKey, Signer, SpiffeId, TrustDomain, X509Svid};
 use time::OffsetDateTime;
 
@@ -43,24 +42,15 @@ impl PeerSvid {
         key: Arc<PrivateKey>,
         expected: &SpiffeId,
     ) -> anyhow::Result<Self> {
-        let leaf = chain.first().ok_or_else(|| anyhow!("no certificate"))?;
-        let spiffe_id = spiffe_id_of(leaf).map_err(|e| anyhow!("{e}"))?;
-        if &spiffe_id != expected {
-            bail!("the SVID is for {spiffe_id}; servers must present {expected}");
+        let svid = X509Svid::from_chain_for_key(chain, key.public_key_spki())
+            .map_err(|e| anyhow!("{e}"))?;
+        if &svid.spiffe_id != expected {
+            bail!(
+                "the SVID is for {}; servers must present {expected}",
+                svid.spiffe_id
+            );
         }
-        let spki = cert_public_key_spki(leaf).map_err(|e| anyhow!("{e}"))?;
-        if spki != key.public_key_spki() {
-            bail!("the private key does not match the SVID");
-        }
-        let not_after = cert_not_after(leaf).map_err(|e| anyhow!("{e}"))?;
-        Ok(Self {
-            svid: X509Svid {
-                spiffe_id,
-                chain,
-                not_after,
-            },
-            key,
-        })
+        Ok(Self { svid, key })
     }
 
     /// Reads a chain (`CERTIFICATE` blocks) from `svid_path` and a PKCS#8 key from `key_path`

@@ -317,6 +317,18 @@ async fn status(socket: &Path) -> Result<pb::ClusterStatusResponse, String> {
     )
 }
 
+/// `plinth-server x509 mint -spiffeID <id> -write <kit>` against the node at `socket`.
+fn mint(socket: &Path, id: &str, kit: &Path) {
+    let out = Command::new(BIN)
+        .args(["x509", "mint", "-spiffeID", id, "-write"])
+        .arg(kit)
+        .arg("-socketPath")
+        .arg(socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "x509 mint: {out:?}");
+}
+
 async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
@@ -334,45 +346,23 @@ where
 
 impl Cluster {
     /// Starts node 1 (bootstrap), then nodes 2 and 3, added as voters through node 1's admin
-    /// socket, and waits until all three agree on a leader.
+    /// socket, and waits until all three agree on a leader. Raft over plain TCP.
     async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let mut nodes: Vec<Node> = (1..=3).map(|id| Node::new(dir.path(), id)).collect();
-        nodes[0].spawn();
-        let s1 = nodes[0].socket();
-        wait_for("node 1 to lead its new cluster", || {
-            let s1 = s1.clone();
-            async move { status(&s1).await.ok().filter(|s| s.leader_id == 1) }
-        })
-        .await;
-        for node in &mut nodes[1..] {
-            node.spawn();
-            let sock = node.socket();
-            wait_for("the joining node's admin socket", || {
-                let sock = sock.clone();
-                async move { status(&sock).await.ok() }
-            })
-            .await;
-            let ch = channel(&s1).await.unwrap();
-            bounded(ClusterServiceClient::new(ch).add_node(pb::AddNodeRequest {
-                node_id: node.id,
-                address: node.raft_addr(),
-                learner_only: false,
-            }))
-            .await
-            .unwrap();
-        }
-        let c = Self { nodes, _dir: dir };
-        c.wait_leader(&[1, 2, 3]).await;
-        c
+        Self::start_with(false).await
     }
 
     /// Like [`Cluster::start`], with mTLS between servers: nodes 2 and 3 join with a kit that
     /// `plinth-server x509 mint` made on node 1.
     async fn start_mtls() -> Self {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(mtls: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut nodes: Vec<Node> = (1..=3).map(|id| Node::new(dir.path(), id)).collect();
-        nodes[0].use_mtls(None);
+        if mtls {
+            nodes[0].use_mtls(None);
+        }
         nodes[0].spawn();
         let s1 = nodes[0].socket();
         wait_for("node 1 to lead its new cluster", || {
@@ -381,22 +371,11 @@ impl Cluster {
         })
         .await;
         for node in &mut nodes[1..] {
-            let kit = node.dir.join("kit");
-            let out = Command::new(BIN)
-                .args([
-                    "x509",
-                    "mint",
-                    "-spiffeID",
-                    "spiffe://example.org/spire/server",
-                ])
-                .arg("-write")
-                .arg(&kit)
-                .arg("-socketPath")
-                .arg(&s1)
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "x509 mint: {out:?}");
-            node.use_mtls(Some(kit));
+            if mtls {
+                let kit = node.dir.join("kit");
+                mint(&s1, "spiffe://example.org/spire/server", &kit);
+                node.use_mtls(Some(kit));
+            }
             node.spawn();
             let sock = node.socket();
             wait_for("the joining node's admin socket", || {
@@ -916,20 +895,7 @@ async fn t60_a_kit_for_another_id_is_refused() {
     .await;
     let mut n2 = Node::new(dir.path(), 2);
     let kit = n2.dir.join("kit");
-    let out = Command::new(BIN)
-        .args([
-            "x509",
-            "mint",
-            "-spiffeID",
-            "spiffe://example.org/not-a-server",
-        ])
-        .arg("-write")
-        .arg(&kit)
-        .arg("-socketPath")
-        .arg(&s1)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "x509 mint: {out:?}");
+    mint(&s1, "spiffe://example.org/not-a-server", &kit);
     n2.use_mtls(Some(kit));
     let out = Command::new(BIN)
         .args(["run", "-config"])

@@ -75,6 +75,8 @@ pub enum X509Error {
     BadCsr(String),
     #[error("the CA certificate's public key does not match the signing key")]
     KeyMismatch,
+    #[error("the private key does not match the SVID's public key")]
+    LeafKeyMismatch,
     #[error("CA certificate is not usable: {0}")]
     BadCa(String),
     #[error("the signing authority expired at {0}")]
@@ -645,6 +647,26 @@ pub struct X509Svid {
 }
 
 impl X509Svid {
+    /// An SVID chain (leaf first) held with the private key whose public part is
+    /// `public_key_spki`: reads the leaf's SPIFFE ID and expiry after checking that the leaf
+    /// certifies that key. The chain is not verified against a bundle here.
+    pub fn from_chain_for_key(
+        chain: Vec<Vec<u8>>,
+        public_key_spki: &[u8],
+    ) -> Result<Self, X509Error> {
+        let leaf = chain.first().ok_or(X509Error::EmptyChain)?;
+        let spiffe_id = spiffe_id_of(leaf)?;
+        let not_after = cert_not_after(leaf)?;
+        if cert_public_key_spki(leaf)? != public_key_spki {
+            return Err(X509Error::LeafKeyMismatch);
+        }
+        Ok(Self {
+            spiffe_id,
+            chain,
+            not_after,
+        })
+    }
+
     /// The leaf certificate (DER).
     pub fn leaf(&self) -> &[u8] {
         &self.chain[0]
