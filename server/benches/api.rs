@@ -20,66 +20,15 @@ use plinth_api::server::svid_service_client::SvidServiceClient;
 use plinth_server::config::Config;
 use plinth_server::run::{start, RunningServer};
 use plinth_server::state::Replicated;
-use plinth_spiffe::tls::{client_config, Authorizer, BundleHolder, SvidHolder, SvidSource};
 use plinth_spiffe::{Csr, KeyType, PrivateKey, SignatureScheme, Signer, SpiffeId};
 use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1};
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::tls_channel;
+
 fn config(dir: &std::path::Path, node: u64, bootstrap: bool) -> Config {
-    let text = format!(
-        r#"
-[server]
-trust_domain = "example.org"
-data_dir = "{d}/data{node}"
-socket_path = "{d}/admin{node}/api.sock"
-bind_address = "127.0.0.1"
-bind_port = 0
-log_level = "WARN"
-
-[cluster]
-node_id = {node}
-bind_address = "127.0.0.1:0"
-bootstrap = {bootstrap}
-insecure_plaintext = true
-
-[key_manager]
-type = "disk"
-keys_path = "{d}/keys{node}"
-
-[node_attestor.join_token]
-"#,
-        d = dir.display()
-    );
-    Config::parse(&text, false).unwrap()
-}
-
-async fn tls_channel(
-    addr: std::net::SocketAddr,
-    bundle: plinth_spiffe::Bundle,
-    svid: Option<(plinth_spiffe::X509Svid, Arc<PrivateKey>)>,
-    server: SpiffeId,
-) -> tonic::transport::Channel {
-    let mut set = plinth_spiffe::BundleSet::new();
-    set.insert(bundle);
-    let bundles = Arc::new(BundleHolder::new(set));
-    let source: Option<Arc<dyn SvidSource>> =
-        svid.map(|(s, k)| Arc::new(SvidHolder::new(&s, k).unwrap()) as Arc<dyn SvidSource>);
-    let cfg = Arc::new(client_config(source, bundles, Authorizer::exact(server)).unwrap());
-    tonic::transport::Endpoint::try_from("http://plinth-server")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_| {
-            let cfg = cfg.clone();
-            async move {
-                let tcp = tokio::net::TcpStream::connect(addr).await?;
-                tcp.set_nodelay(true)?;
-                let name = rustls::pki_types::ServerName::try_from("plinth-server").unwrap();
-                let tls = tokio_rustls::TlsConnector::from(cfg)
-                    .connect(name, tcp)
-                    .await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
-            }
-        }))
-        .await
-        .unwrap()
+    common::config(dir, node, bootstrap, common::JOIN_TOKEN)
 }
 
 /// Attests an agent through `server` and returns an mTLS channel authenticated as it, plus its ID.
@@ -110,7 +59,9 @@ async fn agent_channel(
         .to_bundle()
         .unwrap();
     let server_id = plinth_server::tls::server_spiffe_id(&td);
-    let anon = tls_channel(server.tcp_addr, bundle.clone(), None, server_id.clone()).await;
+    let anon = tls_channel(server.tcp_addr, bundle.clone(), None, server_id.clone())
+        .await
+        .unwrap();
     let key = Arc::new(PrivateKey::generate(KeyType::EcP256).unwrap());
     let req = pb::AttestAgentRequest {
         step: Some(pb::attest_agent_request::Step::Params(
@@ -141,7 +92,9 @@ async fn agent_channel(
         chain: s.cert_chain,
         not_after: time::OffsetDateTime::from_unix_timestamp(s.expires_at).unwrap(),
     };
-    let ch = tls_channel(server.tcp_addr, bundle, Some((svid, key)), server_id).await;
+    let ch = tls_channel(server.tcp_addr, bundle, Some((svid, key)), server_id)
+        .await
+        .unwrap();
     (ch, s.spiffe_id)
 }
 

@@ -13,49 +13,15 @@ use plinth_api::server::entry_service_client::EntryServiceClient;
 use plinth_api::server::entry_service_server::EntryService;
 use plinth_api::server::svid_service_server::SvidService;
 use plinth_server::api::{PeerSvid, Services};
-use plinth_server::config::Config;
-use plinth_server::run::{start, RunningServer};
 use plinth_server::state::Replicated;
 use plinth_spiffe::{x509, Csr, KeyType, PrivateKey, SpiffeId};
 use tonic::{Code, Request};
 
-struct Harness {
-    dir: tempfile::TempDir,
-    server: RunningServer,
-}
-
-fn config(dir: &std::path::Path) -> Config {
-    let text = format!(
-        r#"
-[server]
-trust_domain = "example.org"
-data_dir = "{d}/data"
-socket_path = "{d}/admin/api.sock"
-bind_port = 0
-
-[cluster]
-node_id = 1
-bind_address = "127.0.0.1:0"
-insecure_plaintext = true
-election_timeout_min_ms = 150
-election_timeout_max_ms = 300
-heartbeat_interval_ms = 50
-
-[key_manager]
-type = "disk"
-keys_path = "{d}/keys"
-
-[node_attestor.join_token]
-"#,
-        d = dir.display()
-    );
-    Config::parse(&text, false).unwrap()
-}
+mod common;
+use common::{tls_channel, Harness, JOIN_TOKEN};
 
 async fn harness() -> Harness {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start(config(dir.path())).await.unwrap();
-    Harness { dir, server }
+    common::single(JOIN_TOKEN).await
 }
 
 async fn admin_channel(h: &Harness) -> tonic::transport::Channel {
@@ -538,36 +504,6 @@ async fn t25_non_admins_are_refused() {
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     tokio::time::sleep(Duration::from_millis(1)).await;
-}
-
-/// A tonic channel to the server's TLS API, presenting `svid` if given.
-async fn tls_channel(
-    addr: std::net::SocketAddr,
-    bundle: plinth_spiffe::Bundle,
-    svid: Option<(plinth_spiffe::X509Svid, Arc<PrivateKey>)>,
-    expect_server: SpiffeId,
-) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-    use plinth_spiffe::tls::{client_config, Authorizer, BundleHolder, SvidHolder, SvidSource};
-    let mut set = plinth_spiffe::BundleSet::new();
-    set.insert(bundle);
-    let bundles = Arc::new(BundleHolder::new(set));
-    let source: Option<Arc<dyn SvidSource>> =
-        svid.map(|(s, k)| Arc::new(SvidHolder::new(&s, k).unwrap()) as Arc<dyn SvidSource>);
-    let cfg = Arc::new(client_config(source, bundles, Authorizer::exact(expect_server)).unwrap());
-    tonic::transport::Endpoint::try_from("http://plinth-server")?
-        .connect_with_connector(tower::service_fn(move |_| {
-            let cfg = cfg.clone();
-            async move {
-                let tcp = tokio::net::TcpStream::connect(addr).await?;
-                tcp.set_nodelay(true)?;
-                let name = rustls::pki_types::ServerName::try_from("plinth-server").unwrap();
-                let tls = tokio_rustls::TlsConnector::from(cfg)
-                    .connect(name, tcp)
-                    .await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
-            }
-        }))
-        .await
 }
 
 fn to_svid(p: &pb::X509Svid) -> plinth_spiffe::X509Svid {

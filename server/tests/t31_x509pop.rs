@@ -59,26 +59,14 @@ fn node_pki(dir: &std::path::Path) -> (std::path::PathBuf, Node, Arc<PrivateKey>
     )
 }
 
+mod common;
+
 fn config(dir: &std::path::Path, ca: &std::path::Path) -> Config {
-    let text = format!(
-        r#"
-[server]
-trust_domain = "example.org"
-data_dir = "{d}/data"
-socket_path = "{d}/admin/api.sock"
-bind_port = 0
-
-[cluster]
-bind_address = "127.0.0.1:0"
-insecure_plaintext = true
-
-[node_attestor.x509pop]
-ca_bundle_path = "{ca}"
-"#,
-        d = dir.display(),
-        ca = ca.display()
+    let x509pop = format!(
+        "[node_attestor.x509pop]\nca_bundle_path = \"{}\"\n",
+        ca.display()
     );
-    Config::parse(&text, false).unwrap()
+    common::config(dir, 1, true, &x509pop)
 }
 
 /// Runs an x509pop conversation; `respond` turns the nonce into the challenge response.

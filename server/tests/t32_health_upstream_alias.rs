@@ -10,7 +10,6 @@ use plinth_api::server::agent_service_client::AgentServiceClient;
 use plinth_api::server::entry_service_client::EntryServiceClient;
 use plinth_api::server::svid_service_server::SvidService;
 use plinth_server::api::{PeerSvid, Services};
-use plinth_server::config::Config;
 use plinth_server::run::start;
 use plinth_server::state::Replicated;
 use plinth_spiffe::{x509, CaTemplate, Csr, KeyType, PrivateKey, SpiffeId, TrustDomain};
@@ -36,6 +35,8 @@ async fn http_get(port: u16, path: &str) -> String {
     out
 }
 
+mod common;
+
 #[tokio::test]
 async fn t32_health_upstream_ca_and_node_alias() {
     let dir = tempfile::tempdir().unwrap();
@@ -55,18 +56,8 @@ async fn t32_health_upstream_ca_and_node_alias() {
     std::fs::write(&cert, plinth_spiffe::pem::encode_certs(&[&up_der])).unwrap();
     std::fs::write(&key, up_key.to_pkcs8_pem()).unwrap();
     let port = free_port();
-    let text = format!(
+    let sections = format!(
         r#"
-[server]
-trust_domain = "example.org"
-data_dir = "{d}/data"
-socket_path = "{d}/admin/api.sock"
-bind_port = 0
-
-[cluster]
-bind_address = "127.0.0.1:0"
-insecure_plaintext = true
-
 [upstream_authority]
 type = "disk"
 cert_file_path = "{cert}"
@@ -79,11 +70,12 @@ listener_enabled = true
 bind_address = "127.0.0.1"
 bind_port = {port}
 "#,
-        d = dir.path().display(),
         cert = cert.display(),
         key = key.display(),
     );
-    let server = start(Config::parse(&text, false).unwrap()).await.unwrap();
+    let server = start(common::config(dir.path(), 1, true, &sections))
+        .await
+        .unwrap();
 
     // HTTP health.
     let live = http_get(port, "/live").await;

@@ -25,23 +25,10 @@ fn cli(args: &[&str]) -> Out {
     }
 }
 
+mod common;
+
 fn config_text(dir: &std::path::Path) -> String {
-    format!(
-        r#"
-[server]
-trust_domain = "example.org"
-data_dir = "{d}/data"
-socket_path = "{d}/admin/api.sock"
-bind_port = 0
-
-[cluster]
-bind_address = "127.0.0.1:0"
-insecure_plaintext = true
-
-[node_attestor.join_token]
-"#,
-        d = dir.display()
-    )
+    common::config_text(dir, 1, true, common::JOIN_TOKEN)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
