@@ -390,6 +390,39 @@ impl Store {
         self.entries_by_ids(ids)
     }
 
+    /// Entries whose parent is any of `parents`, read with one index iterator (seeking to each
+    /// parent in key order) rather than one iterator per parent.
+    pub fn entries_by_parents(
+        &self,
+        parents: &[SpiffeId],
+    ) -> Result<Vec<RegistrationEntry>, StorageError> {
+        let mut sorted: Vec<&str> = parents.iter().map(SpiffeId::as_str).collect();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_ENTRIES_BY_PARENT)?);
+        let mut ids = Vec::new();
+        let mut prefix = Vec::new();
+        for parent in sorted {
+            prefix.clear();
+            prefix.extend_from_slice(parent.as_bytes());
+            prefix.push(0);
+            it.seek(&prefix);
+            while let Some(key) = it.key() {
+                let Some(rest) = key.strip_prefix(prefix.as_slice()) else {
+                    break;
+                };
+                let id = std::str::from_utf8(rest).map_err(|e| StorageError::Corrupt {
+                    table: CF_ENTRIES_BY_PARENT,
+                    reason: e.to_string(),
+                })?;
+                ids.push(id.to_owned());
+                it.next();
+            }
+            it.status()?;
+        }
+        self.entries_by_ids(ids)
+    }
+
     /// Entries that issue `spiffe_id`.
     pub fn entries_by_spiffe_id(
         &self,

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert::svid_to_proto;
 use super::{ca_status, fatal, item_err, item_ok, ServerCore};
-use crate::authz::authorized_entries;
+use crate::authz::authorized_entry;
 use crate::state::Replicated;
 
 /// Most CSRs one batch may carry.
@@ -38,19 +38,28 @@ fn audience(a: &[String]) -> Result<Vec<String>, Status> {
 }
 
 impl<S: Replicated> SvidApi<S> {
-    /// The entries `agent` may get SVIDs for, by entry ID.
+    /// Entry `entry_id` if `agent` may get SVIDs for it; PermissionDenied otherwise. Decided for
+    /// the one entry (walking up its parents), not by computing the agent's whole set.
     fn authorized(
         &self,
         agent: &plinth_storage::AttestedAgent,
-    ) -> Result<std::collections::BTreeMap<String, plinth_storage::RegistrationEntry>, Status> {
-        authorized_entries(
+        entry_id: &str,
+    ) -> Result<plinth_storage::RegistrationEntry, Status> {
+        authorized_entry(
             self.0.state.store(),
             &self.0.cfg.trust_domain,
             &agent.spiffe_id,
             &agent.selectors,
+            entry_id,
             self.0.now(),
         )
-        .map_err(fatal)
+        .map_err(fatal)?
+        .ok_or_else(|| {
+            Status::permission_denied(format!(
+                "entry {entry_id:?} is not authorized to agent {}",
+                agent.spiffe_id
+            ))
+        })
     }
 }
 
@@ -122,16 +131,10 @@ impl<S: Replicated> SvidService for SvidApi<S> {
                 "at most {MAX_BATCH} CSRs per batch"
             )));
         }
-        let authorized = self.authorized(&agent)?;
         let mut results = Vec::with_capacity(params.len());
         for p in params {
             let r = (|| {
-                let entry = authorized.get(&p.entry_id).ok_or_else(|| {
-                    Status::permission_denied(format!(
-                        "entry {:?} is not authorized to agent {}",
-                        p.entry_id, agent.spiffe_id
-                    ))
-                })?;
+                let entry = self.authorized(&agent, &p.entry_id)?;
                 let csr = Csr::parse(&p.csr)
                     .map_err(|e| Status::invalid_argument(format!("invalid CSR: {e}")))?;
                 self.0
@@ -165,13 +168,7 @@ impl<S: Replicated> SvidService for SvidApi<S> {
         let agent = self.0.require_agent(&req).await?;
         let r = req.get_ref();
         let aud = audience(&r.audience)?;
-        let authorized = self.authorized(&agent)?;
-        let entry = authorized.get(&r.entry_id).ok_or_else(|| {
-            Status::permission_denied(format!(
-                "entry {:?} is not authorized to agent {}",
-                r.entry_id, agent.spiffe_id
-            ))
-        })?;
+        let entry = self.authorized(&agent, &r.entry_id)?;
         let (token, exp) = self
             .0
             .ca
