@@ -22,7 +22,8 @@
 //! [workload_attestor.docker]                  # present: docker selectors are on
 //! docker_socket_path = "/var/run/docker.sock" # the default; `unix://` prefix accepted
 //!
-//! [workload_attestor.systemd]                 # present: systemd:id selectors are on
+//! [workload_attestor.systemd]                 # present: systemd selectors are on
+//! # unit_search_path = ["/etc/systemd/system", ...]  # for fragment_path; systemd's order by default
 //! ```
 //!
 //! Unknown keys are errors that name the key. [`Config::load`] parses and validates; the result
@@ -137,7 +138,11 @@ struct DockerSection {
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SystemdSection {}
+struct SystemdSection {
+    /// Unit file directories for `fragment_path`, highest priority first.
+    #[serde(default)]
+    unit_search_path: Option<Vec<PathBuf>>,
+}
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -359,10 +364,22 @@ impl Config {
                 Some(c)
             }
         };
-        let systemd = f
-            .workload_attestor
-            .systemd
-            .map(|_| SystemdAttestorConfig::default());
+        let systemd = match f.workload_attestor.systemd {
+            None => None,
+            Some(sd) => {
+                let mut c = SystemdAttestorConfig::default();
+                if let Some(dirs) = sd.unit_search_path {
+                    if dirs.is_empty() || dirs.iter().any(|d| !d.is_absolute()) {
+                        return Err(invalid(
+                            "workload_attestor.systemd.unit_search_path",
+                            "list absolute directories, highest priority first",
+                        ));
+                    }
+                    c.unit_search_path = dirs;
+                }
+                Some(c)
+            }
+        };
         Ok(Self {
             trust_domain,
             server_addresses: a.server_addresses,
@@ -525,6 +542,20 @@ token = "abc"
             PathBuf::from("/var/run/docker.sock")
         );
         assert_eq!(c.systemd, Some(SystemdAttestorConfig::default()));
+        let c = Config::parse(&format!(
+            "{MINIMAL}\n[workload_attestor.systemd]\nunit_search_path = [\"/a\", \"/b\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.systemd.unwrap().unit_search_path,
+            [PathBuf::from("/a"), PathBuf::from("/b")]
+        );
+        let e = Config::parse(&format!(
+            "{MINIMAL}\n[workload_attestor.systemd]\nunit_search_path = [\"rel\"]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unit_search_path"), "{e}");
         for (value, want) in [
             ("/run/d.sock", "/run/d.sock"),
             ("unix:///var/run/other.sock", "/var/run/other.sock"),
