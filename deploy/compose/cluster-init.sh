@@ -1,7 +1,8 @@
 #!/bin/sh
 # One-shot set-up of the compose cluster, run by the cluster-init service (plinth-tools image)
 # against server1's admin socket once server1 is healthy:
-#   1. adds server2 and server3 to the Raft cluster (`plinth-server cluster add`);
+#   1. mints a join kit (server SVID, key, bundle) for server2 and server3, which they need to
+#      talk Raft over mTLS, and adds them to the cluster (`plinth-server cluster add`);
 #   2. writes the trust bundle and, per agent, a join token and an agent config to /shared;
 #   3. registers the demo workloads (uid 1001) and the agents' own health check (uid 0).
 # Safe to run again: members already present are re-added as no-ops, agents that already
@@ -21,6 +22,14 @@ retry() { # retry N command...: bounded retries, 2 s apart
   done
 }
 
+for n in 2 3; do
+  kit="/shared/kit-$n"
+  if [ ! -f "$kit/svid.pem" ]; then
+    echo "cluster-init: minting the join kit of server$n (its first server SVID)"
+    retry 30 $S x509 mint -spiffeID "spiffe://$TD/spire/server" -write "$kit.tmp" -socketPath "$SOCK"
+    mv "$kit.tmp" "$kit"
+  fi
+done
 for n in 2 3; do
   echo "cluster-init: adding server$n"
   retry 60 $S cluster add -nodeID "$n" -address "server$n:8082" -socketPath "$SOCK"

@@ -15,10 +15,12 @@ pub mod log_store;
 pub mod network;
 pub mod node;
 pub mod state_machine;
+pub mod tls;
 pub mod types;
 
 pub use log_store::LogStore;
 pub use network::{ForwardError, MembershipOp, NodeStatus};
 pub use node::{ClusterStatus, MemberStatus, NodeError, RaftConfig, RaftNode};
 pub use state_machine::StateMachine;
+pub use tls::PeerTls;
 pub use types::{NodeId, TypeConfig};

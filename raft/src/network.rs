@@ -3,8 +3,8 @@
 //! the requests a follower forwards to the leader.
 //!
 //! Payloads are the serde encoding of openraft's own types, wrapped in a one-field protobuf
-//! message (see `proto/plinth_raft.proto`). Plain TCP only for now: mTLS between servers is not
-//! implemented yet, and [`crate::RaftConfig::insecure_plaintext`] must be set explicitly.
+//! message (see `proto/plinth_raft.proto`). Connections run over mTLS ([`crate::PeerTls`]);
+//! plain TCP only with [`crate::RaftConfig::insecure_plaintext`] set explicitly (tests).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -93,20 +93,35 @@ where
     decode(T_RPC, &payload.data).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
-/// A lazily connecting client to `addr` (`host:port`).
-pub(crate) fn connect(addr: &str) -> Result<RaftServiceClient<Channel>, String> {
+/// A lazily connecting client to `addr` (`host:port`): over mTLS with `tls`, else plain TCP.
+pub(crate) fn connect(
+    addr: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<RaftServiceClient<Channel>, String> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| format!("bad peer address {addr:?}: {e}"))?
         .connect_timeout(Duration::from_millis(500))
         .tcp_nodelay(true);
-    Ok(RaftServiceClient::new(endpoint.connect_lazy())
+    let channel = match tls {
+        None => endpoint.connect_lazy(),
+        Some(cfg) => {
+            let (addr, cfg) = (addr.to_owned(), cfg.clone());
+            endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
+                crate::tls::dial(addr.clone(), cfg.clone())
+            }))
+        }
+    };
+    Ok(RaftServiceClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
 /// Creates a [`Peer`] per replication target.
 #[derive(Debug, Clone, Default)]
-pub struct Network;
+pub struct Network {
+    /// The client side of the peer mTLS; `None` for plain TCP.
+    pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
+}
 
 /// The connection to one peer.
 #[derive(Debug)]
@@ -121,7 +136,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
         Peer {
             target,
-            client: connect(&node.addr),
+            client: connect(&node.addr, self.tls.as_ref()),
         }
     }
 }

@@ -50,14 +50,16 @@ pub struct RaftConfig {
     pub logs_kept_after_snapshot: u64,
     /// How long a write, read or membership change may wait for the cluster.
     pub request_timeout: Duration,
-    /// Serve and dial peers over plain TCP. Required for now: mTLS between servers is not
-    /// implemented yet, so the flag must be set explicitly (tests, local development).
+    /// mTLS for every peer connection. Exactly one of this and `insecure_plaintext` is set.
+    pub tls: Option<crate::tls::PeerTls>,
+    /// Serve and dial peers over plain TCP, unauthenticated: only for tests and local
+    /// development, and only when set explicitly.
     pub insecure_plaintext: bool,
 }
 
 impl RaftConfig {
     /// Defaults: 100 ms heartbeat, 500-1000 ms election timeout, snapshot every 5000 entries,
-    /// keep 1000, 5 s requests. Plain TCP is off.
+    /// keep 1000, 5 s requests. Neither TLS nor plain TCP is chosen: set one.
     pub fn new(node_id: NodeId, listen_addr: SocketAddr, data_dir: impl Into<PathBuf>) -> Self {
         Self {
             node_id,
@@ -70,18 +72,27 @@ impl RaftConfig {
             snapshot_after_logs: 5000,
             logs_kept_after_snapshot: 1000,
             request_timeout: Duration::from_secs(5),
+            tls: None,
             insecure_plaintext: false,
         }
     }
 
     /// Checks the configuration.
     pub fn validate(&self) -> Result<(), NodeError> {
-        if !self.insecure_plaintext {
-            return Err(NodeError::Config(
-                "mTLS between servers is not implemented yet; set insecure_plaintext to run over \
-                 plain TCP"
-                    .into(),
-            ));
+        match (&self.tls, self.insecure_plaintext) {
+            (None, false) => {
+                return Err(NodeError::Config(
+                    "peer connections need mTLS; set insecure_plaintext only to run over plain \
+                     TCP for tests"
+                        .into(),
+                ))
+            }
+            (Some(_), true) => {
+                return Err(NodeError::Config(
+                    "peer mTLS and insecure_plaintext are both set; choose one".into(),
+                ))
+            }
+            _ => {}
         }
         if self.heartbeat_interval.is_zero() || self.heartbeat_interval >= self.election_timeout_min
         {
@@ -329,7 +340,8 @@ impl Inner {
             .get_node(&node)
             .map(|n| n.addr.clone())
             .ok_or(NodeError::NoLeader)?;
-        connect(&addr).map_err(|reason| NodeError::Unreachable { node, reason })
+        connect(&addr, self.config.tls.as_ref().map(|t| &t.client))
+            .map_err(|reason| NodeError::Unreachable { node, reason })
     }
 }
 
@@ -380,7 +392,10 @@ impl RaftNode {
         let sm = StateMachine::open(store.clone(), changes.clone())?;
         let log_store = LogStore::new(store.clone());
         let flusher = log_store.flusher();
-        let raft = Raft::new(config.node_id, raft_config, Network, log_store, sm)
+        let network = Network {
+            tls: config.tls.as_ref().map(|t| t.client.clone()),
+        };
+        let raft = Raft::new(config.node_id, raft_config, network, log_store, sm)
             .await
             .map_err(|e| NodeError::Raft(e.to_string()))?;
 
@@ -414,22 +429,32 @@ impl RaftNode {
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        // Peers' AppendEntries answers are small writes: without TCP_NODELAY, Nagle holds one
-        // back until the peer's delayed ACK (~40 ms), which stalled every replication round.
-        let incoming = TcpListenerStream::new(listener).map(|conn| {
-            conn.inspect(|s| {
-                if let Err(e) = s.set_nodelay(true) {
-                    tracing::debug!(error = %e, "cannot set TCP_NODELAY on a peer connection");
-                }
-            })
-        });
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming_shutdown(incoming, async {
-                    let _ = stop_rx.await;
-                }),
-        );
+        let shutdown = async {
+            let _ = stop_rx.await;
+        };
+        let builder = tonic::transport::Server::builder().add_service(service);
+        let server = match inner.config.tls.as_ref() {
+            Some(tls) => {
+                let conns = crate::tls::accept(listener, tls.server.clone());
+                tokio::spawn(builder.serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::ReceiverStream::new(conns),
+                    shutdown,
+                ))
+            }
+            None => {
+                // Peers' AppendEntries answers are small writes: without TCP_NODELAY, Nagle
+                // holds one back until the peer's delayed ACK (~40 ms), which stalled every
+                // replication round.
+                let incoming = TcpListenerStream::new(listener).map(|conn| {
+                    conn.inspect(|s| {
+                        if let Err(e) = s.set_nodelay(true) {
+                            tracing::debug!(error = %e, "cannot set TCP_NODELAY on a peer connection");
+                        }
+                    })
+                });
+                tokio::spawn(builder.serve_with_incoming_shutdown(incoming, shutdown))
+            }
+        };
         Ok(Self {
             inner,
             addr,
@@ -649,7 +674,11 @@ impl RaftNode {
             let status = if *id == self.id() {
                 Some(self.inner.node_status())
             } else {
-                forward_status(&node.addr).await
+                forward_status(
+                    &node.addr,
+                    self.inner.config.tls.as_ref().map(|t| &t.client),
+                )
+                .await
             };
             members.push(MemberStatus {
                 node_id: *id,
@@ -688,8 +717,8 @@ impl RaftNode {
     }
 }
 
-async fn forward_status(addr: &str) -> Option<NodeStatus> {
-    let mut client = connect(addr).ok()?;
+async fn forward_status(addr: &str, tls: Option<&Arc<rustls::ClientConfig>>) -> Option<NodeStatus> {
+    let mut client = connect(addr, tls).ok()?;
     let payload = pack(&()).ok()?;
     let reply = tokio::time::timeout(Duration::from_secs(1), client.node_status(payload))
         .await

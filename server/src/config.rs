@@ -119,10 +119,22 @@ pub struct ClusterSection {
     /// the data dir already holds a cluster).
     #[serde(default = "default_true")]
     pub bootstrap: bool,
-    /// Serve the Raft peer API over plain TCP. mTLS between servers is not implemented yet, so
-    /// this must be set explicitly.
+    /// Serve and dial the Raft peer API over plain, unauthenticated TCP instead of mTLS. Only
+    /// for tests and local development.
     #[serde(default)]
     pub insecure_plaintext: bool,
+    /// A joining server's first peer SVID (`spiffe://<td>/spire/server`), minted on a member
+    /// with `plinth-server x509 mint -spiffeID spiffe://<td>/spire/server -write DIR`
+    /// (`DIR/svid.pem`). Used until the server's own CA issues its SVID.
+    #[serde(default)]
+    pub bootstrap_svid_path: Option<PathBuf>,
+    /// The key of `bootstrap_svid_path` (`DIR/key.pem`).
+    #[serde(default)]
+    pub bootstrap_key_path: Option<PathBuf>,
+    /// The trust bundle a joining server checks peers against until it has the replicated one
+    /// (`DIR/bundle.pem`, or `plinth-server bundle show` on a member).
+    #[serde(default)]
+    pub trust_bundle_path: Option<PathBuf>,
     #[serde(default = "default_election_min")]
     pub election_timeout_min_ms: u64,
     #[serde(default = "default_election_max")]
@@ -139,6 +151,9 @@ impl Default for ClusterSection {
             advertise_address: String::new(),
             bootstrap: true,
             insecure_plaintext: false,
+            bootstrap_svid_path: None,
+            bootstrap_key_path: None,
+            trust_bundle_path: None,
             election_timeout_min_ms: default_election_min(),
             election_timeout_max_ms: default_election_max(),
             heartbeat_interval_ms: default_heartbeat(),
@@ -457,6 +472,22 @@ impl Config {
         })?;
         if file.cluster.node_id == 0 {
             return Err(invalid("cluster.node_id", "must be at least 1"));
+        }
+        let cl = &file.cluster;
+        if cl.bootstrap_svid_path.is_some() != cl.bootstrap_key_path.is_some() {
+            return Err(invalid(
+                "cluster.bootstrap_svid_path",
+                "set bootstrap_svid_path and bootstrap_key_path together",
+            ));
+        }
+        if cl.insecure_plaintext
+            && (cl.bootstrap_svid_path.is_some() || cl.trust_bundle_path.is_some())
+        {
+            return Err(invalid(
+                "cluster.insecure_plaintext",
+                "plain TCP uses no peer SVID; remove bootstrap_svid_path, bootstrap_key_path \
+                 and trust_bundle_path, or insecure_plaintext",
+            ));
         }
         if file.node_attestor.join_token.is_none() && file.node_attestor.x509pop.is_none() {
             return Err(invalid(

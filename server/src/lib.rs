@@ -13,6 +13,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod health;
+pub mod peer;
 pub mod run;
 pub mod state;
 pub mod tls;

@@ -116,12 +116,47 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningServer> {
     rc.election_timeout_min = Duration::from_millis(cl.election_timeout_min_ms);
     rc.election_timeout_max = Duration::from_millis(cl.election_timeout_max_ms);
     rc.heartbeat_interval = Duration::from_millis(cl.heartbeat_interval_ms);
-    let node = RaftNode::start(rc).await.map_err(|e| match e {
-        NodeError::Config(m) if !cl.insecure_plaintext => {
-            anyhow::anyhow!("{m} (in server.toml: [cluster] insecure_plaintext = true)")
+    // The server's SVID, also presented to peers: restored before Raft starts, because loading
+    // the CA needs a leader and electing one needs peers to accept each other.
+    let identity = Arc::new(
+        crate::tls::TlsIdentity::new().persisting_to(data_dir.join(crate::peer::PEER_SVID_FILE)),
+    );
+    let restored = if cl.insecure_plaintext {
+        None
+    } else {
+        let peer_cfg = crate::peer::PeerIdentityConfig {
+            trust_domain: cfg.trust_domain.clone(),
+            persisted: data_dir.join(crate::peer::PEER_SVID_FILE),
+            bootstrap: cl
+                .bootstrap_svid_path
+                .clone()
+                .zip(cl.bootstrap_key_path.clone()),
+            trust_bundle: cl.trust_bundle_path.clone(),
+        };
+        let r = crate::peer::restore(&identity, &peer_cfg, time::OffsetDateTime::now_utc())
+            .context("[cluster] peer identity")?;
+        rc.tls = Some(crate::peer::peer_tls(&identity, &cfg.trust_domain)?);
+        Some(r)
+    };
+    let node = RaftNode::start(rc)
+        .await
+        .map_err(|e| anyhow::anyhow!("starting Raft: {e}"))?;
+    identity.refresh_bundle_from(node.store(), &cfg.trust_domain);
+    if let Some(crate::peer::Restored::Nothing(why)) = &restored {
+        // Alone in a new (or single-node) cluster, nothing needs a peer SVID yet: the CA issues
+        // one shortly. Any other server would be refused by its peers.
+        let members = node.cluster_status().await.members.len();
+        let alone = members == 1 || (members == 0 && cl.bootstrap);
+        if !alone {
+            bail!(
+                "this server has no peer SVID ({why}), so the other servers would refuse it. On a \
+                 cluster member run `plinth-server x509 mint -spiffeID {} -write DIR`, copy DIR \
+                 here and set [cluster] bootstrap_svid_path = \"DIR/svid.pem\", \
+                 bootstrap_key_path = \"DIR/key.pem\", trust_bundle_path = \"DIR/bundle.pem\"",
+                crate::authz::server_id(&cfg.trust_domain)
+            );
         }
-        other => anyhow::anyhow!("starting Raft: {other}"),
-    })?;
+    }
     if cl.bootstrap {
         match node.bootstrap().await {
             Ok(()) => tracing::info!(node_id = cl.node_id, "bootstrapped a new cluster"),
@@ -270,7 +305,6 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningServer> {
         .await
         .with_context(|| format!("binding {}", cfg.bind))?;
     let tcp_addr = tcp.local_addr()?;
-    let identity = Arc::new(crate::tls::TlsIdentity::new());
     identity.refresh_bundle(&core);
     if ca.is_ready() {
         identity

@@ -105,12 +105,17 @@ pub fn server_spiffe_id(td: &plinth_spiffe::TrustDomain) -> SpiffeId {
     crate::authz::server_id(td)
 }
 
-/// Keeps the server's TLS identity and trust bundle current.
+/// Keeps the server's TLS identity and trust bundle current. The same SVID serves the TLS API
+/// and the Raft peer API (see [`crate::peer`]).
 #[derive(Debug)]
 pub struct TlsIdentity {
     pub svid: Arc<SvidHolder>,
     pub bundles: Arc<BundleHolder>,
+    /// When the SVID this server issued itself expires; `None` while it has none (an SVID
+    /// restored from disk or a join kit is replaced as soon as the CA is up).
     not_after: std::sync::Mutex<Option<time::OffsetDateTime>>,
+    /// Where each new SVID is saved for the next start (chain and key, 0600).
+    persist: Option<std::path::PathBuf>,
 }
 
 impl TlsIdentity {
@@ -120,12 +125,36 @@ impl TlsIdentity {
             svid: Arc::new(SvidHolder::empty()),
             bundles: Arc::new(BundleHolder::new(BundleSet::new())),
             not_after: std::sync::Mutex::new(None),
+            persist: None,
         }
+    }
+
+    /// Saves every SVID issued from now on to `path` (see [`crate::peer::PEER_SVID_FILE`]).
+    pub fn persisting_to(mut self, path: std::path::PathBuf) -> Self {
+        self.persist = Some(path);
+        self
+    }
+
+    /// Presents `p` until this server issues its own SVID.
+    pub fn install_peer_svid(&self, p: &crate::peer::PeerSvid) -> anyhow::Result<()> {
+        self.svid
+            .set(&p.svid, p.key.clone())
+            .map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     /// Reloads the local trust bundle from the store.
     pub fn refresh_bundle<S: Replicated>(&self, core: &ServerCore<S>) {
-        if let Ok(Some(b)) = core.state.store().get_bundle(&core.cfg.trust_domain) {
+        self.refresh_bundle_from(core.state.store(), &core.cfg.trust_domain);
+    }
+
+    /// Reloads the trust bundle of `td` from `store`; keeps the current one (e.g. a join kit's)
+    /// while the store has none.
+    pub fn refresh_bundle_from(
+        &self,
+        store: &plinth_storage::Store,
+        td: &plinth_spiffe::TrustDomain,
+    ) {
+        if let Ok(Some(b)) = store.get_bundle(td) {
             if let Ok(bundle) = b.to_bundle() {
                 let mut set = BundleSet::new();
                 set.insert(bundle);
@@ -155,8 +184,18 @@ impl TlsIdentity {
                 &[],
             )
             .map_err(|e| e.to_string())?;
-        self.svid.set(&svid, key).map_err(|e| e.to_string())?;
+        self.svid
+            .set(&svid, key.clone())
+            .map_err(|e| e.to_string())?;
         *self.not_after.lock().unwrap_or_else(|p| p.into_inner()) = Some(svid.not_after);
+        if let Some(path) = &self.persist {
+            let p = crate::peer::PeerSvid { svid, key };
+            if let Err(e) = p.save(path) {
+                // Serving goes on; only a cold restart of the whole cluster needs the file.
+                tracing::warn!(path = %path.display(), error = %format!("{e:#}"),
+                    "could not save the peer SVID");
+            }
+        }
         Ok(())
     }
 }

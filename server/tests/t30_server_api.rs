@@ -219,6 +219,78 @@ async fn t10_entries_tokens_attestation_and_svids() {
 }
 
 #[tokio::test]
+async fn t11_batch_create_answers_each_entry_in_order() {
+    let h = harness().await;
+    let ch = admin_channel(&h).await;
+    let parent = "spiffe://example.org/spire/agent/x";
+    let mut entries: Vec<pb::Entry> = (0..1200)
+        .map(|i| {
+            entry(
+                &format!("spiffe://example.org/w/{i}"),
+                parent,
+                ("unix", "uid:1"),
+            )
+        })
+        .collect();
+    // A duplicate of entry 3 (same mapping), a malformed ID and one in the second chunk.
+    entries.insert(
+        4,
+        entry("spiffe://example.org/w/3", parent, ("unix", "uid:1")),
+    );
+    entries.insert(
+        5,
+        entry("spiffe://example.org/bad//path", parent, ("unix", "uid:1")),
+    );
+    entries.push(entry(
+        "spiffe://example.org/w/700",
+        parent,
+        ("unix", "uid:1"),
+    ));
+    // The servers' own identity is never a workload's.
+    entries.push(entry(
+        "spiffe://example.org/spire/server",
+        parent,
+        ("unix", "uid:1"),
+    ));
+    let r = EntryServiceClient::new(ch.clone())
+        .batch_create_entry(pb::BatchCreateEntryRequest {
+            entries: entries.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.results.len(), entries.len());
+    let codes: Vec<i32> = r
+        .results
+        .iter()
+        .map(|x| x.status.as_ref().unwrap().code)
+        .collect();
+    let already_exists = tonic::Code::AlreadyExists as i32;
+    let invalid = tonic::Code::InvalidArgument as i32;
+    assert_eq!(codes[4], already_exists);
+    assert_eq!(codes[5], invalid);
+    assert_eq!(codes[codes.len() - 2], already_exists);
+    assert_eq!(*codes.last().unwrap(), invalid);
+    assert!(r
+        .results
+        .last()
+        .unwrap()
+        .status
+        .as_ref()
+        .unwrap()
+        .message
+        .contains("reserved"));
+    assert_eq!(codes.iter().filter(|c| **c == 0).count(), 1200);
+    for (res, sent) in r.results.iter().zip(&entries) {
+        if let Some(e) = &res.entry {
+            assert_eq!(e.spiffe_id, sent.spiffe_id, "results keep request order");
+        }
+    }
+    assert_eq!(count(&ch).await, 1200);
+    drop(h.dir);
+}
+
+#[tokio::test]
 async fn t20_attack1_unauthorized_entry_is_refused() {
     let h = harness().await;
     let ch = admin_channel(&h).await;
@@ -314,22 +386,37 @@ async fn t22_attack3_banned_and_stale_agents_are_refused() {
         )
     };
     assert!(services.svid().batch_new_x509_svid(req(&a)).await.is_ok());
-    // Renew: the old SVID is no longer accepted.
-    let key = Arc::new(PrivateKey::generate(KeyType::EcP256).unwrap());
-    let renewed = plinth_api::server::agent_service_server::AgentService::renew_agent(
-        &services.agent(),
-        as_peer(
+    let renew = |svid: &pb::X509Svid| {
+        let key = Arc::new(PrivateKey::generate(KeyType::EcP256).unwrap());
+        let r = as_peer(
             pb::RenewAgentRequest {
                 csr: Csr::create(key).unwrap(),
             },
-            &a,
-        ),
-    )
-    .await
-    .unwrap()
-    .into_inner()
-    .svid
-    .unwrap();
+            svid,
+        );
+        let agent = services.agent();
+        async move {
+            plinth_api::server::agent_service_server::AgentService::renew_agent(&agent, r).await
+        }
+    };
+    // A renewal whose answer is lost: the agent still holds only its old SVID, which stays
+    // accepted until a renewed one is used, so it can renew again (SPIRE's new-serial rule).
+    let lost = renew(&a).await.unwrap().into_inner().svid.unwrap();
+    assert!(services.svid().batch_new_x509_svid(req(&a)).await.is_ok());
+    let renewed = renew(&a).await.unwrap().into_inner().svid.unwrap();
+    // Only the latest renewal is pending: the lost one is refused.
+    let err = services
+        .svid()
+        .batch_new_x509_svid(req(&lost))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    // The first use of the renewed SVID activates it; from then on the old one is refused.
+    assert!(services
+        .svid()
+        .batch_new_x509_svid(req(&renewed))
+        .await
+        .is_ok());
     let stale = services
         .svid()
         .batch_new_x509_svid(req(&a))
@@ -341,6 +428,7 @@ async fn t22_attack3_banned_and_stale_agents_are_refused() {
         "{}",
         stale.message()
     );
+    assert!(renew(&a).await.is_err(), "the replaced SVID renewed");
     assert!(services
         .svid()
         .batch_new_x509_svid(req(&renewed))

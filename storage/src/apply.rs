@@ -115,10 +115,18 @@ impl Store {
     }
 }
 
+/// The pending renewed SVID becomes the current one.
+fn activate_pending(agent: &mut AttestedAgent) {
+    agent.serial_number = std::mem::take(&mut agent.new_serial_number);
+    agent.expires_at = agent.new_expires_at;
+    agent.new_expires_at = 0;
+}
+
 impl Txn<'_> {
     fn execute(&mut self, command: &Command) -> Result<Outcome, Fail> {
         match command {
             Command::EntryCreate { entry } => self.entry_create(entry),
+            Command::EntryCreateBatch { entries } => self.entry_create_batch(entries),
             Command::EntryUpdate {
                 entry,
                 expected_revision,
@@ -152,6 +160,8 @@ impl Txn<'_> {
                     selectors: selectors.clone(),
                     serial_number: serial_number.clone(),
                     expires_at: *expires_at,
+                    new_serial_number: String::new(),
+                    new_expires_at: 0,
                     banned: false,
                     created_at: existing.map_or(self.now, |a| a.created_at),
                     updated_at: self.now,
@@ -166,23 +176,43 @@ impl Txn<'_> {
                 expires_at,
             } => {
                 let mut agent = self.usable_agent(spiffe_id)?;
-                if &agent.serial_number != current_serial {
+                if !agent.accepts_serial(current_serial) {
                     return Err(CommandError::AgentSerialMismatch {
                         spiffe_id: spiffe_id.to_string(),
                         presented: current_serial.clone(),
                     }
                     .into());
                 }
-                agent.serial_number = new_serial.clone();
-                agent.expires_at = *expires_at;
+                if agent.is_pending_serial(current_serial) {
+                    activate_pending(&mut agent);
+                }
+                agent.new_serial_number = new_serial.clone();
+                agent.new_expires_at = *expires_at;
                 agent.updated_at = self.now;
                 self.put_agent(&agent)?;
+                Ok(Outcome::Agent { agent })
+            }
+            Command::AgentActivateSerial { spiffe_id, serial } => {
+                let mut agent = self.usable_agent(spiffe_id)?;
+                if !agent.accepts_serial(serial) {
+                    return Err(CommandError::AgentSerialMismatch {
+                        spiffe_id: spiffe_id.to_string(),
+                        presented: serial.clone(),
+                    }
+                    .into());
+                }
+                if agent.is_pending_serial(serial) {
+                    activate_pending(&mut agent);
+                    agent.updated_at = self.now;
+                    self.put_agent(&agent)?;
+                }
                 Ok(Outcome::Agent { agent })
             }
             Command::AgentBan { spiffe_id } => {
                 let mut agent = self.existing_agent(spiffe_id)?;
                 agent.banned = true;
                 agent.serial_number.clear();
+                agent.new_serial_number.clear();
                 agent.updated_at = self.now;
                 self.put_agent(&agent)?;
                 Ok(Outcome::Agent { agent })
@@ -416,6 +446,11 @@ impl Txn<'_> {
     }
 
     fn entry_create(&mut self, entry: &RegistrationEntry) -> Result<Outcome, Fail> {
+        let entry = self.create_entry(entry)?;
+        Ok(Outcome::Entry { entry })
+    }
+
+    fn create_entry(&mut self, entry: &RegistrationEntry) -> Result<RegistrationEntry, Fail> {
         if self.store.get_entry(&entry.id)?.is_some() {
             return Err(CommandError::EntryIdExists {
                 id: entry.id.clone(),
@@ -427,7 +462,45 @@ impl Txn<'_> {
         new.revision = self.revision;
         new.created_at = self.now;
         self.put_entry(None, &new)?;
-        Ok(Outcome::Entry { entry: new })
+        Ok(new)
+    }
+
+    /// Each entry is created or refused on its own. The store does not see this log entry's
+    /// own writes until it commits, so entries earlier in the batch are checked here.
+    fn entry_create_batch(&mut self, entries: &[RegistrationEntry]) -> Result<Outcome, Fail> {
+        let mut ids = std::collections::HashSet::with_capacity(entries.len());
+        let mut created: std::collections::HashMap<&str, Vec<&RegistrationEntry>> =
+            std::collections::HashMap::new();
+        let mut results = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let earlier_conflict = created
+                .get(entry.spiffe_id.as_str())
+                .and_then(|v| v.iter().find(|e| e.same_mapping(entry)));
+            let r = if ids.contains(entry.id.as_str()) {
+                Err(CommandError::EntryIdExists {
+                    id: entry.id.clone(),
+                })
+            } else if let Some(other) = earlier_conflict {
+                Err(CommandError::EntryConflict {
+                    existing_id: other.id.clone(),
+                })
+            } else {
+                match self.create_entry(entry) {
+                    Ok(new) => Ok(new),
+                    Err(Fail::Refused(e)) => Err(e),
+                    Err(Fail::Storage(e)) => return Err(Fail::Storage(e)),
+                }
+            };
+            if r.is_ok() {
+                ids.insert(entry.id.as_str());
+                created
+                    .entry(entry.spiffe_id.as_str())
+                    .or_default()
+                    .push(entry);
+            }
+            results.push(r);
+        }
+        Ok(Outcome::EntryBatch { results })
     }
 
     fn entry_update(

@@ -31,6 +31,13 @@ pub enum Command {
     EntryCreate {
         entry: RegistrationEntry,
     },
+    /// Create many entries in one log entry. Each is checked and created on its own, in order,
+    /// exactly as [`Command::EntryCreate`] would (a refused one does not stop the others), and
+    /// entries earlier in the same batch count for the ID and conflict checks. The outcome is
+    /// [`Outcome::EntryBatch`], one result per entry in the same order.
+    EntryCreateBatch {
+        entries: Vec<RegistrationEntry>,
+    },
     /// Replace an entry (same ID). With `expected_revision`, refused unless the stored entry is at
     /// that revision (compare-and-set).
     EntryUpdate {
@@ -51,12 +58,19 @@ pub enum Command {
         expires_at: i64,
         join_token: Option<SecretString>,
     },
-    /// Rotate an agent SVID. Refused unless `current_serial` is the serial on record.
+    /// Record a renewed agent SVID as pending. Refused unless `current_serial` is the current or
+    /// the pending serial on record; presenting the pending one activates it first.
     AgentRenew {
         spiffe_id: SpiffeId,
         current_serial: String,
         new_serial: String,
         expires_at: i64,
+    },
+    /// The agent used its pending renewed SVID: it becomes the current one and the previous SVID
+    /// is refused from now on. A no-op if `serial` is already current.
+    AgentActivateSerial {
+        spiffe_id: SpiffeId,
+        serial: String,
     },
     /// Ban: the agent keeps its record (so it cannot simply re-attest) but may do nothing.
     AgentBan {
@@ -130,10 +144,12 @@ impl Command {
     pub fn name(&self) -> &'static str {
         match self {
             Command::EntryCreate { .. } => "entry_create",
+            Command::EntryCreateBatch { .. } => "entry_create_batch",
             Command::EntryUpdate { .. } => "entry_update",
             Command::EntryDelete { .. } => "entry_delete",
             Command::AgentAttest { .. } => "agent_attest",
             Command::AgentRenew { .. } => "agent_renew",
+            Command::AgentActivateSerial { .. } => "agent_activate_serial",
             Command::AgentBan { .. } => "agent_ban",
             Command::AgentEvict { .. } => "agent_evict",
             Command::JoinTokenCreate { .. } => "join_token_create",
@@ -227,6 +243,10 @@ pub enum Outcome {
     },
     EntryDeleted {
         entry: RegistrationEntry,
+    },
+    /// Per-entry results of [`Command::EntryCreateBatch`], in request order.
+    EntryBatch {
+        results: Vec<Result<RegistrationEntry, CommandError>>,
     },
     Agent {
         agent: AttestedAgent,

@@ -54,16 +54,38 @@ pub struct AttestedAgent {
     /// The node attestor that vouched for it (`join_token`, `x509pop`, `tpm`...).
     pub attestation_type: String,
     pub selectors: Selectors,
-    /// Serial number (hex) of the agent's current SVID; empty once banned. Only an agent presenting
-    /// this serial may renew.
+    /// Serial number (hex) of the agent's current SVID; empty once banned.
     pub serial_number: String,
     /// Unix seconds at which the current agent SVID expires.
     pub expires_at: i64,
+    /// Serial number (hex) of the SVID the last renewal issued, until the agent first uses it
+    /// (then it becomes `serial_number`); empty when none is pending. As in SPIRE, both serials
+    /// are accepted meanwhile, so an agent that never received its renewed SVID (a lost reply)
+    /// is not locked out: it keeps its current SVID and may renew again.
+    #[serde(default)]
+    pub new_serial_number: String,
+    /// Unix seconds at which the pending SVID expires.
+    #[serde(default)]
+    pub new_expires_at: i64,
     pub banned: bool,
     /// Unix seconds, leader-stamped at first attestation.
     pub created_at: i64,
     /// Unix seconds, leader-stamped at the last change.
     pub updated_at: i64,
+}
+
+impl AttestedAgent {
+    /// Whether `serial` (hex, any case) is the current SVID's or the pending renewed one's.
+    pub fn accepts_serial(&self, serial: &str) -> bool {
+        (!self.serial_number.is_empty() && self.serial_number.eq_ignore_ascii_case(serial))
+            || (!self.new_serial_number.is_empty()
+                && self.new_serial_number.eq_ignore_ascii_case(serial))
+    }
+
+    /// Whether `serial` is the pending renewed SVID's (its first use activates it).
+    pub fn is_pending_serial(&self, serial: &str) -> bool {
+        !self.new_serial_number.is_empty() && self.new_serial_number.eq_ignore_ascii_case(serial)
+    }
 }
 
 /// A single-use join token. Its `Debug` output hides the token.

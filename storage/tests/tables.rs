@@ -309,6 +309,70 @@ fn t20_conflicting_entries_are_refused() {
 }
 
 #[test]
+fn t20_entry_batch_checks_each_entry_against_the_store_and_the_batch() {
+    let mut db = Db::new();
+    let p = "spiffe://example.org/agent/a";
+    db.ok(Command::EntryCreate {
+        entry: entry("e1", "spiffe://example.org/web", p, &["unix:uid:1000"]),
+    });
+    let before = db.store.revision().unwrap();
+    let r = db.apply(Command::EntryCreateBatch {
+        entries: vec![
+            entry("b1", "spiffe://example.org/a", p, &["unix:uid:1"]),
+            // Same mapping as e1, which is in the store.
+            entry("b2", "spiffe://example.org/web", p, &["unix:uid:1000"]),
+            // Same ID as b1, earlier in this batch.
+            entry("b1", "spiffe://example.org/b", p, &["unix:uid:2"]),
+            // Same mapping as b1, earlier in this batch.
+            entry("b3", "spiffe://example.org/a", p, &["unix:uid:1"]),
+            entry("b4", "spiffe://example.org/c", p, &[]),
+            entry("b5", "spiffe://example.org/c", p, &["unix:uid:3"]),
+        ],
+    });
+    let Ok(Outcome::EntryBatch { results }) = r.result else {
+        panic!("unexpected outcome: {r:?}");
+    };
+    assert_eq!(r.revision, before + 1, "one log entry, one revision");
+    let errors: Vec<Option<CommandError>> = results.iter().map(|x| x.clone().err()).collect();
+    assert_eq!(
+        errors,
+        vec![
+            None,
+            Some(CommandError::EntryConflict {
+                existing_id: "e1".into()
+            }),
+            Some(CommandError::EntryIdExists { id: "b1".into() }),
+            Some(CommandError::EntryConflict {
+                existing_id: "b1".into()
+            }),
+            Some(CommandError::EntryWithoutSelectors),
+            None,
+        ]
+    );
+    let b1 = results[0].as_ref().unwrap();
+    assert_eq!(b1.revision, before + 1);
+    assert_eq!(b1.spiffe_id, id("spiffe://example.org/a"));
+    // Exactly the accepted entries are stored and indexed.
+    let mut stored: Vec<String> = db
+        .store
+        .list_entries()
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    stored.sort();
+    assert_eq!(stored, vec!["b1", "b5", "e1"]);
+    assert_eq!(db.store.entries_by_parent(&id(p)).unwrap().len(), 3);
+
+    // A batch where every entry is refused changes nothing and keeps the revision.
+    let r = db.apply(Command::EntryCreateBatch {
+        entries: vec![entry("e1", "spiffe://example.org/x", p, &["unix:uid:9"])],
+    });
+    assert_eq!(r.revision, before + 1);
+    assert_eq!(db.store.list_entries().unwrap().len(), 3);
+}
+
+#[test]
 fn t30_join_token_is_consumed_exactly_once() {
     let mut db = Db::new();
     let token = JoinToken {
@@ -403,20 +467,57 @@ fn t30_ban_renew_and_evict() {
         new_serial: new.into(),
         expires_at: 9_000,
     };
+    let activate = |serial: &str| Command::AgentActivateSerial {
+        spiffe_id: a.clone(),
+        serial: serial.into(),
+    };
+    let serials = |db: &Db| {
+        let s = db.store.get_agent(&a).unwrap().unwrap();
+        (s.serial_number, s.new_serial_number, s.expires_at)
+    };
+    // A renewal is pending until used: the current SVID stays valid (a lost reply does not
+    // lock the agent out) and may renew again, which replaces the pending one.
     db.ok(renew("aa", "bb"));
-    // The old SVID can no longer renew, so two racing renewals cannot both win.
+    assert_eq!(serials(&db), ("aa".into(), "bb".into(), 5_000));
+    db.ok(renew("aa", "cc"));
+    assert_eq!(serials(&db), ("aa".into(), "cc".into(), 5_000));
     assert!(matches!(
-        db.refused(renew("aa", "cc")),
+        db.refused(renew("bb", "dd")),
         CommandError::AgentSerialMismatch { .. }
     ));
+    // First use of the pending SVID activates it; the previous one is refused from then on.
+    db.ok(activate("cc"));
+    assert_eq!(serials(&db), ("cc".into(), String::new(), 9_000));
+    assert!(matches!(
+        db.refused(renew("aa", "ee")),
+        CommandError::AgentSerialMismatch { .. }
+    ));
+    assert!(matches!(
+        db.refused(activate("aa")),
+        CommandError::AgentSerialMismatch { .. }
+    ));
+    // Renewing with the pending SVID activates it in the same step.
+    db.ok(renew("cc", "dd"));
+    db.ok(renew("dd", "ee"));
+    assert_eq!(serials(&db), ("dd".into(), "ee".into(), 9_000));
+    // Activating the current serial changes nothing.
+    let before = db.store.revision().unwrap();
+    let r = db.apply(activate("dd"));
+    assert!(r.result.is_ok());
+    assert_eq!(r.revision, before);
     db.ok(Command::AgentBan {
         spiffe_id: a.clone(),
     });
     let stored = db.store.get_agent(&a).unwrap().unwrap();
     assert!(stored.banned);
     assert!(stored.serial_number.is_empty());
+    assert!(stored.new_serial_number.is_empty());
     assert!(matches!(
-        db.refused(renew("bb", "dd")),
+        db.refused(renew("dd", "ff")),
+        CommandError::AgentBanned { .. }
+    ));
+    assert!(matches!(
+        db.refused(activate("ee")),
         CommandError::AgentBanned { .. }
     ));
     assert!(matches!(

@@ -51,6 +51,14 @@ pub fn entry_from_proto(e: &pb::Entry, td: &TrustDomain) -> Result<RegistrationE
     spiffe_id
         .require_member_of(td)
         .map_err(|x| bad("spiffe_id", x))?;
+    // As SPIRE: a workload must never be able to hold a server's or an agent's identity (agents
+    // and peers authenticate servers by `/spire/server`).
+    if spiffe_id.path() == "/spire" || spiffe_id.path().starts_with("/spire/") {
+        return Err(bad(
+            "spiffe_id",
+            "paths under /spire/ are reserved for servers and agents",
+        ));
+    }
     let parent_id = SpiffeId::new_with_path(&e.parent_id).map_err(|x| bad("parent_id", x))?;
     parent_id
         .require_member_of(td)

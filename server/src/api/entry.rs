@@ -14,12 +14,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::convert::{bundle_to_proto, entry_from_proto, entry_to_proto, selectors_from_proto};
-use super::{fatal, item_err, item_ok, state_status, ServerCore};
+use super::{command_status, fatal, item_err, item_ok, state_status, ServerCore};
 use crate::authz::authorized_entries;
 use crate::state::Replicated;
 
 /// Largest page a list returns.
 const MAX_PAGE: usize = 1000;
+/// Entries per Raft write in `BatchCreateEntry` (bounds one log entry to a few hundred KiB).
+const ENTRY_BATCH_CHUNK: usize = 500;
 /// Most entries an agent may report as already held when it resumes a sync.
 const MAX_KNOWN: usize = 1_000_000;
 
@@ -156,29 +158,64 @@ impl<S: Replicated> EntryService for EntryApi<S> {
         req: Request<pb::BatchCreateEntryRequest>,
     ) -> Result<Response<pb::BatchCreateEntryResponse>, Status> {
         self.0.require_admin(&req).await?;
-        let mut results = Vec::new();
-        for e in &req.get_ref().entries {
-            let r = match entry_from_proto(e, self.td()) {
-                Err(s) => Err(s),
-                Ok(entry) => match self.0.state.propose(Command::EntryCreate { entry }).await {
-                    Ok(resp) => match resp.result {
-                        Ok(Outcome::Entry { entry }) => Ok(entry),
-                        _ => Err(Status::internal("unexpected outcome")),
-                    },
-                    Err(e) => Err(state_status(e)),
+        // Entries that parse are created together: one Raft write per chunk, each entry checked
+        // and created (or refused) on its own, in request order, as SPIRE does item by item.
+        let mut results: Vec<Option<Result<RegistrationEntry, Status>>> = Vec::new();
+        let mut valid: Vec<(usize, RegistrationEntry)> = Vec::new();
+        for (i, e) in req.get_ref().entries.iter().enumerate() {
+            match entry_from_proto(e, self.td()) {
+                Ok(entry) => {
+                    results.push(None);
+                    valid.push((i, entry));
+                }
+                Err(s) => results.push(Some(Err(s))),
+            }
+        }
+        for chunk in valid.chunks(ENTRY_BATCH_CHUNK) {
+            let entries = chunk.iter().map(|(_, e)| e.clone()).collect();
+            let outcome = self
+                .0
+                .state
+                .propose(Command::EntryCreateBatch { entries })
+                .await;
+            match outcome {
+                Ok(resp) => match resp.result {
+                    Ok(Outcome::EntryBatch { results: items }) if items.len() == chunk.len() => {
+                        for ((i, _), item) in chunk.iter().zip(items) {
+                            results[*i] = Some(item.map_err(command_status));
+                        }
+                    }
+                    _ => {
+                        for (i, _) in chunk {
+                            results[*i] = Some(Err(Status::internal("unexpected outcome")));
+                        }
+                    }
                 },
-            };
-            results.push(match r {
-                Ok(entry) => pb::batch_create_entry_response::Result {
+                Err(e) => {
+                    let status = state_status(e);
+                    for (i, _) in chunk {
+                        results[*i] = Some(Err(Status::new(status.code(), status.message())));
+                    }
+                }
+            }
+        }
+        let results = results
+            .into_iter()
+            .map(|r| match r {
+                Some(Ok(entry)) => pb::batch_create_entry_response::Result {
                     status: item_ok(),
                     entry: Some(entry_to_proto(&entry)),
                 },
-                Err(s) => pb::batch_create_entry_response::Result {
+                Some(Err(s)) => pb::batch_create_entry_response::Result {
                     status: item_err(&s),
                     entry: None,
                 },
-            });
-        }
+                None => pb::batch_create_entry_response::Result {
+                    status: item_err(&Status::internal("entry was not processed")),
+                    entry: None,
+                },
+            })
+            .collect();
         Ok(Response::new(pb::BatchCreateEntryResponse { results }))
     }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use plinth_api::server as pb;
 use plinth_spiffe::SpiffeId;
-use plinth_storage::{AttestedAgent, CommandError};
+use plinth_storage::{AttestedAgent, Command, CommandError};
 use tonic::{Request, Status};
 
 use crate::ca::{CaError, CaManager};
@@ -115,7 +115,23 @@ impl<S: Replicated> ServerCore<S> {
             return Err(Status::unauthenticated("an agent X509-SVID is required"));
         };
         self.state.linearizable().await.map_err(state_status)?;
-        self.check_agent(&p)
+        let agent = self.check_agent(&p)?;
+        if agent.is_pending_serial(&p.serial) {
+            // First use of a renewed SVID: from now on the previous one is refused (SPIRE's
+            // "new serial" activation).
+            let r = self
+                .state
+                .propose(Command::AgentActivateSerial {
+                    spiffe_id: agent.spiffe_id.clone(),
+                    serial: p.serial.to_lowercase(),
+                })
+                .await
+                .map_err(state_status)?;
+            if let Ok(plinth_storage::Outcome::Agent { agent }) = r.result {
+                return Ok(agent);
+            }
+        }
+        Ok(agent)
     }
 
     /// The agent check without the barrier (after one was taken).
@@ -134,7 +150,7 @@ impl<S: Replicated> ServerCore<S> {
                 p.spiffe_id
             )));
         }
-        if !agent.serial_number.eq_ignore_ascii_case(&p.serial) {
+        if !agent.accepts_serial(&p.serial) {
             return Err(Status::permission_denied(format!(
                 "agent {} presented an SVID that is no longer current",
                 p.spiffe_id
