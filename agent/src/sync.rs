@@ -578,6 +578,9 @@ impl Syncer {
             .chain(plan.fetch.iter().map(String::as_str))
             .filter_map(|id| Some((Entry::clone(next.get(id)?), (*served.get(id)?).clone())))
             .collect();
+        if !needs.is_empty() {
+            tracing::debug!(entries = next.len(), svids = needs.len(), "fetching SVIDs");
+        }
         let fetched = if needs.is_empty() {
             Fetched {
                 identities: Vec::new(),
@@ -585,7 +588,13 @@ impl Syncer {
                 error: None,
             }
         } else {
-            fetch_svids(channel, needs).await
+            let f = fetch_svids(channel, needs).await;
+            tracing::debug!(
+                svids = f.identities.len(),
+                failed = f.failed.len(),
+                "SVIDs fetched"
+            );
+            f
         };
 
         let bundle_changed = bundle.as_ref().is_some_and(|b| b != state.bundle());
