@@ -336,7 +336,13 @@ impl Syncer {
     }
 
     fn next_wake(&self) -> Option<OffsetDateTime> {
-        let rotate = self.issued.values().map(|i| i.rotate_at).min();
+        // An SVID whose renewal failed waits for its retry time, not its (past) rotation time.
+        let rotate = self
+            .issued
+            .iter()
+            .filter(|(id, _)| !self.retry.contains_key(*id))
+            .map(|(_, i)| i.rotate_at)
+            .min();
         let retry = self.retry.values().min().copied();
         match (rotate, retry) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -395,7 +401,7 @@ impl Syncer {
                     let due: BTreeSet<String> = self
                         .issued
                         .iter()
-                        .filter(|(_, i)| i.rotate_at <= now)
+                        .filter(|(id, i)| i.rotate_at <= now && !self.retry.contains_key(*id))
                         .map(|(id, _)| id.clone())
                         .collect();
                     self.retry.retain(|_, at| *at > now);
