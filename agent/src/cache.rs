@@ -1,7 +1,8 @@
 //! The identity cache the Workload API serves from.
 //!
-//! It holds the registration entries that apply to workloads on this node, each with its current
-//! X509-SVID and private key, the node's own trust bundle and the federated bundles. The sync with
+//! It holds every registration entry that applies to workloads on this node, the current
+//! X509-SVID and private key of some of them (all of them in a small deployment; see
+//! [`crate::lru`] for which), the node's own trust bundle and the federated bundles. The sync with
 //! the server fills it; every change is published as a new immutable [`CacheState`] through a
 //! `tokio::sync::watch` channel, so every open Workload API stream sees every change (the full
 //! state each time) without polling.
@@ -15,6 +16,8 @@ use plinth_spiffe::{
     Bundle, BundleSet, PrivateKey, Selectors, Signer, SpiffeId, TrustDomain, X509Svid,
 };
 use tokio::sync::watch;
+
+use crate::lru::SvidUsage;
 
 /// Why a change to the cache was refused. The cache is left as it was.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -78,13 +81,41 @@ impl fmt::Debug for Identity {
     }
 }
 
+/// An X509-SVID and its private key, as the cache holds them for an entry.
+#[derive(Clone)]
+pub struct CachedSvid {
+    pub svid: X509Svid,
+    pub private_key: Arc<PrivateKey>,
+}
+
+impl fmt::Debug for CachedSvid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CachedSvid")
+            .field("spiffe_id", &self.svid.spiffe_id)
+            .field("not_after", &self.svid.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An entry of the cache together with its cached SVID.
+#[derive(Debug, Clone, Copy)]
+pub struct IdentityRef<'a> {
+    pub entry: &'a Entry,
+    pub svid: &'a X509Svid,
+    pub private_key: &'a Arc<PrivateKey>,
+}
+
 /// One published state of the cache. Immutable once published; [`IdentityCache`] hands out
-/// `Arc`s of it.
+/// `Arc`s of it. The maps are shared between states until one of them changes, so publishing a
+/// change costs one copy of the map that changed (of pointers, not of entries or SVIDs).
 #[derive(Debug, Clone)]
 pub struct CacheState {
     bundle: Bundle,
     federated: BundleSet,
-    identities: BTreeMap<String, Identity>,
+    /// Every entry this node serves, by entry ID.
+    entries: Arc<BTreeMap<String, Arc<Entry>>>,
+    /// The X509-SVIDs held, by entry ID: a subset of `entries` (see [`crate::lru`]).
+    svids: Arc<BTreeMap<String, Arc<CachedSvid>>>,
     revision: u64,
 }
 
@@ -93,7 +124,8 @@ impl CacheState {
         Self {
             bundle,
             federated: BundleSet::new(),
-            identities: BTreeMap::new(),
+            entries: Arc::default(),
+            svids: Arc::default(),
             revision: 0,
         }
     }
@@ -113,14 +145,58 @@ impl CacheState {
         &self.federated
     }
 
-    /// Every identity, ordered by entry ID.
-    pub fn identities(&self) -> impl Iterator<Item = &Identity> {
-        self.identities.values()
+    /// Every entry, with or without an SVID, ordered by entry ID.
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.values().map(|e| e.as_ref())
     }
 
-    /// The identity of entry `entry_id`.
-    pub fn identity(&self, entry_id: &str) -> Option<&Identity> {
-        self.identities.get(entry_id)
+    /// Entry `entry_id`.
+    pub fn entry(&self, entry_id: &str) -> Option<&Entry> {
+        self.entries.get(entry_id).map(|e| e.as_ref())
+    }
+
+    /// Entry `entry_id` as held (shared).
+    pub fn entry_arc(&self, entry_id: &str) -> Option<&Arc<Entry>> {
+        self.entries.get(entry_id)
+    }
+
+    /// Number of entries.
+    pub fn entry_count(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Number of X509-SVIDs held.
+    pub fn svid_count(&self) -> usize {
+        self.svids.len()
+    }
+
+    /// Every entry that holds an SVID, ordered by entry ID.
+    pub fn identities(&self) -> impl Iterator<Item = IdentityRef<'_>> {
+        self.svids
+            .iter()
+            .filter_map(|(id, s)| self.join(self.entries.get(id)?, s))
+    }
+
+    fn join<'a>(
+        &'a self,
+        entry: &'a Arc<Entry>,
+        s: &'a Arc<CachedSvid>,
+    ) -> Option<IdentityRef<'a>> {
+        Some(IdentityRef {
+            entry,
+            svid: &s.svid,
+            private_key: &s.private_key,
+        })
+    }
+
+    /// The identity of entry `entry_id`, if it holds an SVID.
+    pub fn identity(&self, entry_id: &str) -> Option<IdentityRef<'_>> {
+        self.join(self.entries.get(entry_id)?, self.svids.get(entry_id)?)
+    }
+
+    /// True if entry `entry_id` holds an SVID.
+    pub fn has_svid(&self, entry_id: &str) -> bool {
+        self.svids.contains_key(entry_id)
     }
 
     /// Increases by one on every published change.
@@ -128,24 +204,25 @@ impl CacheState {
         self.revision
     }
 
-    /// The identities a caller with attested `selectors` is entitled to, ordered by entry ID. When
-    /// two entries carry the same non-empty hint only the first is returned, since hints must be
-    /// unique within a response (SPIRE does the same).
-    pub fn matching(&self, selectors: &Selectors) -> Vec<&Identity> {
+    /// The entries a caller with attested `selectors` is entitled to, ordered by entry ID,
+    /// whether or not they hold an SVID yet. When two entries carry the same non-empty hint only
+    /// the first is returned, since hints must be unique within a response (SPIRE does the same).
+    pub fn matching(&self, selectors: &Selectors) -> Vec<&Entry> {
         let mut hints = std::collections::BTreeSet::new();
-        self.identities
+        self.entries
             .values()
-            .filter(|i| i.entry.selectors.matched_by(selectors))
-            .filter(|i| i.entry.hint.is_empty() || hints.insert(i.entry.hint.as_str()))
+            .map(|e| e.as_ref())
+            .filter(|e| e.selectors.matched_by(selectors))
+            .filter(|e| e.hint.is_empty() || hints.insert(e.hint.as_str()))
             .collect()
     }
 
-    /// The federated bundles the given identities federate with and the cache holds, by trust
+    /// The federated bundles the given entries federate with and the cache holds, by trust
     /// domain (a trust domain the cache has no bundle for yet is left out).
-    pub fn federated_for<'a>(&'a self, identities: &[&Identity]) -> Vec<&'a Bundle> {
-        let mut tds: Vec<&TrustDomain> = identities
+    pub fn federated_for<'a>(&'a self, entries: &[&Entry]) -> Vec<&'a Bundle> {
+        let mut tds: Vec<&TrustDomain> = entries
             .iter()
-            .flat_map(|i| i.entry.federates_with.iter())
+            .flat_map(|e| e.federates_with.iter())
             .collect();
         tds.sort();
         tds.dedup();
@@ -155,41 +232,94 @@ impl CacheState {
             .collect()
     }
 
-    /// Inserts or replaces the identity of an entry after checking that the SVID names the
-    /// entry's SPIFFE ID, lies in this trust domain and matches the private key.
-    pub fn put_identity(&mut self, identity: Identity) -> Result<(), CacheError> {
-        let entry_id = identity.entry.id.clone();
-        if entry_id.is_empty() {
+    fn check_entry(&self, entry: &Entry) -> Result<(), CacheError> {
+        if entry.id.is_empty() {
             return Err(CacheError::EmptyEntryId);
         }
-        if !identity.entry.spiffe_id.is_member_of(self.trust_domain()) {
+        if !entry.spiffe_id.is_member_of(self.trust_domain()) {
             return Err(CacheError::ForeignId {
-                entry_id,
-                spiffe_id: identity.entry.spiffe_id.to_string(),
+                entry_id: entry.id.clone(),
+                spiffe_id: entry.spiffe_id.to_string(),
                 trust_domain: self.trust_domain().to_string(),
             });
         }
-        if identity.svid.spiffe_id != identity.entry.spiffe_id {
+        Ok(())
+    }
+
+    fn check_svid(entry: &Entry, svid: &CachedSvid) -> Result<(), CacheError> {
+        let entry_id = entry.id.clone();
+        if svid.svid.spiffe_id != entry.spiffe_id {
             return Err(CacheError::SvidIdMismatch {
                 entry_id,
-                entry_spiffe_id: identity.entry.spiffe_id.to_string(),
-                svid_id: identity.svid.spiffe_id.to_string(),
+                entry_spiffe_id: entry.spiffe_id.to_string(),
+                svid_id: svid.svid.spiffe_id.to_string(),
             });
         }
-        let leaf = identity
-            .svid
-            .chain
-            .first()
-            .ok_or_else(|| CacheError::BadSvid {
-                entry_id: entry_id.clone(),
-            })?;
+        let leaf = svid.svid.chain.first().ok_or_else(|| CacheError::BadSvid {
+            entry_id: entry_id.clone(),
+        })?;
         let spki = cert_public_key_spki(leaf).map_err(|_| CacheError::BadSvid {
             entry_id: entry_id.clone(),
         })?;
-        if spki != identity.private_key.public_key_spki() {
+        if spki != svid.private_key.public_key_spki() {
             return Err(CacheError::KeyMismatch { entry_id });
         }
-        self.identities.insert(entry_id, identity);
+        Ok(())
+    }
+
+    /// Inserts or replaces an entry together with its SVID, after checking that the SVID names
+    /// the entry's SPIFFE ID, lies in this trust domain and matches the private key.
+    pub fn put_identity(&mut self, identity: Identity) -> Result<(), CacheError> {
+        self.check_entry(&identity.entry)?;
+        let svid = CachedSvid {
+            svid: identity.svid,
+            private_key: identity.private_key,
+        };
+        Self::check_svid(&identity.entry, &svid)?;
+        let id = identity.entry.id.clone();
+        Arc::make_mut(&mut self.entries).insert(id.clone(), Arc::new(identity.entry));
+        Arc::make_mut(&mut self.svids).insert(id, Arc::new(svid));
+        self.revision += 1;
+        Ok(())
+    }
+
+    /// Inserts or replaces the SVID of an entry the cache holds (checked as in
+    /// [`CacheState::put_identity`]).
+    pub fn put_svid(&mut self, entry_id: &str, svid: CachedSvid) -> Result<(), CacheError> {
+        let entry = self
+            .entries
+            .get(entry_id)
+            .ok_or_else(|| CacheError::NoSuchEntry(entry_id.to_owned()))?;
+        Self::check_svid(entry, &svid)?;
+        Arc::make_mut(&mut self.svids).insert(entry_id.to_owned(), Arc::new(svid));
+        self.revision += 1;
+        Ok(())
+    }
+
+    /// Drops the SVID of an entry and keeps the entry (eviction); false if it held none.
+    pub fn remove_svid(&mut self, entry_id: &str) -> bool {
+        if !self.svids.contains_key(entry_id) {
+            return false;
+        }
+        Arc::make_mut(&mut self.svids).remove(entry_id);
+        self.revision += 1;
+        true
+    }
+
+    /// Inserts or replaces an entry. A changed SPIFFE ID drops the entry's SVID (it names the
+    /// old ID); other changes keep it.
+    pub fn put_entry(&mut self, entry: Arc<Entry>) -> Result<(), CacheError> {
+        self.check_entry(&entry)?;
+        match self.entries.get(&entry.id) {
+            Some(current) if Arc::ptr_eq(current, &entry) || **current == *entry => return Ok(()),
+            Some(current)
+                if current.spiffe_id != entry.spiffe_id && self.svids.contains_key(&entry.id) =>
+            {
+                Arc::make_mut(&mut self.svids).remove(&entry.id);
+            }
+            _ => {}
+        }
+        Arc::make_mut(&mut self.entries).insert(entry.id.clone(), entry);
         self.revision += 1;
         Ok(())
     }
@@ -198,30 +328,30 @@ impl CacheState {
     /// the SPIFFE ID needs a new SVID: use [`CacheState::put_identity`].
     pub fn update_entry(&mut self, entry: Entry) -> Result<(), CacheError> {
         let current = self
-            .identities
-            .get_mut(&entry.id)
+            .entries
+            .get(&entry.id)
             .ok_or_else(|| CacheError::NoSuchEntry(entry.id.clone()))?;
-        if current.entry.spiffe_id != entry.spiffe_id {
+        if current.spiffe_id != entry.spiffe_id {
             return Err(CacheError::SvidIdMismatch {
                 entry_id: entry.id.clone(),
                 entry_spiffe_id: entry.spiffe_id.to_string(),
-                svid_id: current.entry.spiffe_id.to_string(),
+                svid_id: current.spiffe_id.to_string(),
             });
         }
-        if current.entry != entry {
-            current.entry = entry;
-            self.revision += 1;
-        }
-        Ok(())
+        self.put_entry(Arc::new(entry))
     }
 
     /// Removes an entry and its SVID; false if there was none.
     pub fn remove_entry(&mut self, entry_id: &str) -> bool {
-        let removed = self.identities.remove(entry_id).is_some();
-        if removed {
-            self.revision += 1;
+        if !self.entries.contains_key(entry_id) {
+            return false;
         }
-        removed
+        Arc::make_mut(&mut self.entries).remove(entry_id);
+        if self.svids.contains_key(entry_id) {
+            Arc::make_mut(&mut self.svids).remove(entry_id);
+        }
+        self.revision += 1;
+        true
     }
 
     /// Replaces this node's own bundle (same trust domain).
@@ -268,17 +398,22 @@ impl CacheState {
     }
 }
 
-/// The cache: the current [`CacheState`] and a watch channel that publishes every change.
+/// The cache: the current [`CacheState`], a watch channel that publishes every change, and the
+/// Workload API's [`SvidUsage`] that decides which SVIDs are kept (see [`crate::lru`]).
 #[derive(Debug)]
 pub struct IdentityCache {
     tx: watch::Sender<Arc<CacheState>>,
+    usage: Arc<SvidUsage>,
 }
 
 impl IdentityCache {
     /// An empty cache for the trust domain of `bundle`.
     pub fn new(bundle: Bundle) -> Self {
         let (tx, _) = watch::channel(Arc::new(CacheState::new(bundle)));
-        Self { tx }
+        Self {
+            tx,
+            usage: Arc::new(SvidUsage::new()),
+        }
     }
 
     /// The current state.
@@ -289,6 +424,11 @@ impl IdentityCache {
     /// A receiver that sees every published state, starting from the current one.
     pub fn subscribe(&self) -> watch::Receiver<Arc<CacheState>> {
         self.tx.subscribe()
+    }
+
+    /// Open streams, use times and requests for missing SVIDs.
+    pub fn usage(&self) -> &Arc<SvidUsage> {
+        &self.usage
     }
 
     /// Applies `f` to a copy of the state and publishes the copy in one step if `f` succeeded and
@@ -457,7 +597,7 @@ mod tests {
         let ids: Vec<&str> = state
             .matching(&caller)
             .iter()
-            .map(|i| i.entry.id.as_str())
+            .map(|e| e.id.as_str())
             .collect();
         assert_eq!(ids, ["a", "b"]);
         let only_uid = Selectors::parse_all(&["unix:uid:1"]).unwrap();
@@ -465,7 +605,7 @@ mod tests {
 
         // Same hint: the entry that sorts first wins.
         for id in ["a", "b"] {
-            let mut e = state.identity(id).unwrap().entry.clone();
+            let mut e = state.entry(id).unwrap().clone();
             e.hint = "h".into();
             cache.update_entry(e).unwrap();
         }
@@ -473,7 +613,7 @@ mod tests {
         let ids: Vec<&str> = state
             .matching(&caller)
             .iter()
-            .map(|i| i.entry.id.as_str())
+            .map(|e| e.id.as_str())
             .collect();
         assert_eq!(ids, ["a"]);
     }
@@ -539,7 +679,7 @@ mod tests {
         let state = cache.state();
         let got = state.identity("a").unwrap();
         assert_eq!(got.entry.selectors, e.selectors);
-        assert_eq!(got.svid, a.svid);
+        assert_eq!(*got.svid, a.svid);
         e.spiffe_id = SpiffeId::new("spiffe://example.org/other").unwrap();
         assert!(cache.update_entry(e).is_err());
         let mut missing = a.entry.clone();
@@ -548,5 +688,52 @@ mod tests {
             cache.update_entry(missing),
             Err(CacheError::NoSuchEntry("zz".into()))
         );
+    }
+
+    #[test]
+    fn entries_are_held_without_svids_and_evicting_keeps_the_entry() {
+        let (ca, bundle) = make_ca("example.org");
+        let cache = IdentityCache::new(bundle);
+        let a = identity(&ca, "a", "spiffe://example.org/a", &["unix:uid:1"]);
+        // An entry alone: matched, but no identity to serve yet.
+        cache
+            .modify(|s| s.put_entry(Arc::new(a.entry.clone())))
+            .unwrap();
+        let caller = Selectors::parse_all(&["unix:uid:1"]).unwrap();
+        let state = cache.state();
+        assert_eq!(state.matching(&caller).len(), 1);
+        assert!(state.identity("a").is_none());
+        assert_eq!((state.entry_count(), state.svid_count()), (1, 0));
+
+        let svid = CachedSvid {
+            svid: a.svid.clone(),
+            private_key: a.private_key.clone(),
+        };
+        cache.modify(|s| s.put_svid("a", svid.clone())).unwrap();
+        assert_eq!(cache.state().svid_count(), 1);
+        // An SVID for an entry the cache does not hold, or one naming another ID, is refused.
+        assert_eq!(
+            cache.modify(|s| s.put_svid("zz", svid.clone())),
+            Err(CacheError::NoSuchEntry("zz".into()))
+        );
+
+        // Eviction drops the SVID, not the entry.
+        assert!(cache.modify(|s| Ok(s.remove_svid("a"))).unwrap());
+        let state = cache.state();
+        assert_eq!((state.entry_count(), state.svid_count()), (1, 0));
+        assert!(!cache.modify(|s| Ok(s.remove_svid("a"))).unwrap());
+
+        // A new SPIFFE ID for the entry drops its SVID (it names the old ID); other changes keep it.
+        cache.modify(|s| s.put_svid("a", svid.clone())).unwrap();
+        let mut changed = a.entry.clone();
+        changed.hint = "h".into();
+        cache
+            .modify(|s| s.put_entry(Arc::new(changed.clone())))
+            .unwrap();
+        assert!(cache.state().has_svid("a"));
+        changed.spiffe_id = SpiffeId::new("spiffe://example.org/other").unwrap();
+        cache.modify(|s| s.put_entry(Arc::new(changed))).unwrap();
+        assert!(!cache.state().has_svid("a"));
+        assert_eq!(cache.state().entry_count(), 1);
     }
 }

@@ -8,6 +8,17 @@
 //! socket_path = "/tmp/plinth-agent/public/api.sock"       # the default
 //! trust_bundle_path = "/etc/plinth/bundle.pem"            # or: insecure_bootstrap = true
 //! log_level = "INFO"
+//! # X509-SVIDs held in memory (SPIRE's key and default). Every authorized entry is always held;
+//! # past this many SVIDs the least recently used that no open Workload API stream needs are
+//! # dropped, and fetched again from a server when a workload asks. 0 means the default.
+//! x509_svid_cache_max_size = 1000
+//! # SVIDs fetched ahead of any request, while fewer are held (plinth's key; at most
+//! # x509_svid_cache_max_size, which is also the default: a deployment with fewer entries than
+//! # that has every SVID ready before any workload asks). 0: fetch only on request.
+//! x509_svid_prefetch_count = 1000
+//! # The admin socket (SPIRE's Debug API, `plinth-agent debug info`); off unless set. Must not
+//! # be in the Workload API socket's directory or below it. Mode 0770.
+//! admin_socket_path = "/tmp/plinth-agent/private/admin.sock"
 //!
 //! [node_attestor.join_token]
 //! token = "..."                 # or `plinth-agent run -joinToken ...`
@@ -22,7 +33,8 @@
 //! [workload_attestor.docker]                  # present: docker selectors are on
 //! docker_socket_path = "/var/run/docker.sock" # the default; `unix://` prefix accepted
 //!
-//! [workload_attestor.systemd]                 # present: systemd:id selectors are on
+//! [workload_attestor.systemd]                 # present: systemd selectors are on
+//! # unit_search_path = ["/etc/systemd/system", ...]  # for fragment_path; systemd's order by default
 //! ```
 //!
 //! Unknown keys are errors that name the key. [`Config::load`] parses and validates; the result
@@ -36,6 +48,7 @@ use serde::Deserialize;
 use crate::attest::docker::DockerAttestorConfig;
 use crate::attest::systemd::SystemdAttestorConfig;
 use crate::attest::unix::UnixAttestorConfig;
+use crate::lru::{Budget, DEFAULT_X509_SVID_CACHE_MAX_SIZE};
 
 /// Where the Workload API socket goes unless configured (like SPIRE's `/tmp/spire-agent/...`).
 pub const DEFAULT_SOCKET_PATH: &str = "/tmp/plinth-agent/public/api.sock";
@@ -89,6 +102,12 @@ struct AgentSection {
     insecure_bootstrap: bool,
     #[serde(default)]
     log_level: Option<String>,
+    #[serde(default)]
+    x509_svid_cache_max_size: Option<i64>,
+    #[serde(default)]
+    x509_svid_prefetch_count: Option<i64>,
+    #[serde(default)]
+    admin_socket_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -137,7 +156,11 @@ struct DockerSection {
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SystemdSection {}
+struct SystemdSection {
+    /// Unit file directories for `fragment_path`, highest priority first.
+    #[serde(default)]
+    unit_search_path: Option<Vec<PathBuf>>,
+}
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -209,6 +232,10 @@ pub struct Config {
     pub systemd: Option<SystemdAttestorConfig>,
     /// A `tracing` level: trace, debug, info, warn or error.
     pub log_level: String,
+    /// How many X509-SVIDs to hold and prefetch.
+    pub svid_budget: Budget,
+    /// Where to serve the admin (Debug) API; `None`: not served.
+    pub admin_socket_path: Option<PathBuf>,
 }
 
 fn check_address(a: &str) -> Result<(), String> {
@@ -234,6 +261,71 @@ fn log_level(s: &str) -> Result<String, ConfigError> {
             format!("{s:?}: expected DEBUG, INFO, WARN or ERROR"),
         )),
     }
+}
+
+/// SPIRE's rule: the admin socket must not be in the directory holding the Workload API socket,
+/// nor below it (a workload could reach it there).
+fn check_admin_socket(admin: &Path, workload: &Path) -> Result<(), ConfigError> {
+    const KEY: &str = "agent.admin_socket_path";
+    if !admin.is_absolute() {
+        return Err(invalid(KEY, "must be an absolute path"));
+    }
+    if admin.file_name().is_none() {
+        return Err(invalid(KEY, "must name a socket file"));
+    }
+    if admin
+        .components()
+        .chain(workload.components())
+        .any(|c| c == std::path::Component::ParentDir)
+    {
+        return Err(invalid(
+            KEY,
+            "neither it nor socket_path may contain `..` (they are compared as written)",
+        ));
+    }
+    let dir = workload.parent().unwrap_or(Path::new("/"));
+    // Compare component by component (no filesystem access: the paths need not exist yet).
+    if admin.parent().is_some_and(|p| p.starts_with(dir)) {
+        return Err(invalid(
+            KEY,
+            format!(
+                "admin socket cannot be in the same directory or a subdirectory as that \
+                 containing the Workload API socket ({})",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn svid_budget(max_size: Option<i64>, prefetch: Option<i64>) -> Result<Budget, ConfigError> {
+    let max_size = match max_size.unwrap_or(0) {
+        n if n < 0 => {
+            return Err(invalid(
+                "agent.x509_svid_cache_max_size",
+                format!("{n}: must not be negative (0 means the default, 1000)"),
+            ))
+        }
+        0 => DEFAULT_X509_SVID_CACHE_MAX_SIZE,
+        n => usize::try_from(n).map_err(|e| invalid("agent.x509_svid_cache_max_size", e))?,
+    };
+    let prefetch = match prefetch {
+        None => max_size,
+        Some(n) if n < 0 => {
+            return Err(invalid(
+                "agent.x509_svid_prefetch_count",
+                format!("{n}: must not be negative"),
+            ))
+        }
+        Some(n) => usize::try_from(n).map_err(|e| invalid("agent.x509_svid_prefetch_count", e))?,
+    };
+    if prefetch > max_size {
+        return Err(invalid(
+            "agent.x509_svid_prefetch_count",
+            format!("{prefetch} is more than x509_svid_cache_max_size ({max_size})"),
+        ));
+    }
+    Ok(Budget { max_size, prefetch })
 }
 
 impl Config {
@@ -294,6 +386,10 @@ impl Config {
         if !socket_path.is_absolute() {
             return Err(invalid("agent.socket_path", "must be an absolute path"));
         }
+        if let Some(admin) = &a.admin_socket_path {
+            check_admin_socket(admin, &socket_path)?;
+        }
+        let svid_budget = svid_budget(a.x509_svid_cache_max_size, a.x509_svid_prefetch_count)?;
         let bootstrap = match (a.trust_bundle_path, a.insecure_bootstrap) {
             (Some(p), false) => Bootstrap::BundleFile(p),
             (None, true) => Bootstrap::Insecure,
@@ -359,10 +455,22 @@ impl Config {
                 Some(c)
             }
         };
-        let systemd = f
-            .workload_attestor
-            .systemd
-            .map(|_| SystemdAttestorConfig::default());
+        let systemd = match f.workload_attestor.systemd {
+            None => None,
+            Some(sd) => {
+                let mut c = SystemdAttestorConfig::default();
+                if let Some(dirs) = sd.unit_search_path {
+                    if dirs.is_empty() || dirs.iter().any(|d| !d.is_absolute()) {
+                        return Err(invalid(
+                            "workload_attestor.systemd.unit_search_path",
+                            "list absolute directories, highest priority first",
+                        ));
+                    }
+                    c.unit_search_path = dirs;
+                }
+                Some(c)
+            }
+        };
         Ok(Self {
             trust_domain,
             server_addresses: a.server_addresses,
@@ -374,6 +482,8 @@ impl Config {
             docker,
             systemd,
             log_level: log_level(a.log_level.as_deref().unwrap_or("INFO"))?,
+            svid_budget,
+            admin_socket_path: a.admin_socket_path,
         })
     }
 }
@@ -525,6 +635,20 @@ token = "abc"
             PathBuf::from("/var/run/docker.sock")
         );
         assert_eq!(c.systemd, Some(SystemdAttestorConfig::default()));
+        let c = Config::parse(&format!(
+            "{MINIMAL}\n[workload_attestor.systemd]\nunit_search_path = [\"/a\", \"/b\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.systemd.unwrap().unit_search_path,
+            [PathBuf::from("/a"), PathBuf::from("/b")]
+        );
+        let e = Config::parse(&format!(
+            "{MINIMAL}\n[workload_attestor.systemd]\nunit_search_path = [\"rel\"]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unit_search_path"), "{e}");
         for (value, want) in [
             ("/run/d.sock", "/run/d.sock"),
             ("unix:///var/run/other.sock", "/var/run/other.sock"),
@@ -544,5 +668,96 @@ token = "abc"
             e.contains("workload_attestor.docker.docker_socket_path"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn svid_cache_size_and_prefetch() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(
+            c.svid_budget,
+            Budget {
+                max_size: 1000,
+                prefetch: 1000
+            }
+        );
+        let with = |lines: &str| MINIMAL.replace("[agent]\n", &format!("[agent]\n{lines}\n"));
+        let c = Config::parse(&with("x509_svid_cache_max_size = 50")).unwrap();
+        assert_eq!(
+            c.svid_budget,
+            Budget {
+                max_size: 50,
+                prefetch: 50
+            },
+            "prefetch follows the cache size"
+        );
+        let c = Config::parse(&with(
+            "x509_svid_cache_max_size = 50\nx509_svid_prefetch_count = 0",
+        ))
+        .unwrap();
+        assert_eq!(c.svid_budget.prefetch, 0);
+        let c = Config::parse(&with("x509_svid_cache_max_size = 0")).unwrap();
+        assert_eq!(c.svid_budget.max_size, 1000, "0 means SPIRE's default");
+        for (lines, key) in [
+            (
+                "x509_svid_cache_max_size = -1",
+                "agent.x509_svid_cache_max_size",
+            ),
+            (
+                "x509_svid_prefetch_count = -1",
+                "agent.x509_svid_prefetch_count",
+            ),
+            (
+                "x509_svid_cache_max_size = 10\nx509_svid_prefetch_count = 11",
+                "agent.x509_svid_prefetch_count",
+            ),
+        ] {
+            let e = Config::parse(&with(lines)).unwrap_err().to_string();
+            assert!(e.contains(key), "{lines}: {e}");
+        }
+    }
+
+    #[test]
+    fn admin_socket_must_not_be_beside_or_below_the_workload_socket() {
+        let with = |lines: &str| MINIMAL.replace("[agent]\n", &format!("[agent]\n{lines}\n"));
+        let c = Config::parse(&with(
+            "socket_path = \"/run/plinth/public/api.sock\"\nadmin_socket_path = \"/run/plinth/private/admin.sock\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.admin_socket_path,
+            Some(PathBuf::from("/run/plinth/private/admin.sock"))
+        );
+        assert_eq!(Config::parse(MINIMAL).unwrap().admin_socket_path, None);
+        for admin in [
+            "/run/plinth/public/admin.sock",
+            "/run/plinth/public/sub/admin.sock",
+            "/run/plinth/public/./admin.sock",
+        ] {
+            let e = Config::parse(&with(&format!(
+                "socket_path = \"/run/plinth/public/api.sock\"\nadmin_socket_path = \"{admin}\""
+            )))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("agent.admin_socket_path")
+                    && e.contains("cannot be in the same directory or a subdirectory"),
+                "{admin}: {e}"
+            );
+        }
+        // A sibling directory whose name merely starts the same is fine.
+        Config::parse(&with(
+            "socket_path = \"/run/plinth/public/api.sock\"\nadmin_socket_path = \"/run/plinth/public-admin/admin.sock\"",
+        ))
+        .unwrap();
+        let e = Config::parse(&with(
+            "socket_path = \"/run/plinth/public/api.sock\"\nadmin_socket_path = \"/run/plinth/x/../public/admin.sock\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(".."), "{e}");
+        let e = Config::parse(&with("admin_socket_path = \"admin.sock\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("absolute"), "{e}");
     }
 }

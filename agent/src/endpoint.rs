@@ -57,13 +57,23 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> EndpointError + '_ {
 /// Creates the socket directory (0755) if needed, refuses a directory others can write (they
 /// could swap the socket), removes a stale socket and binds a new one, world-connectable.
 pub fn bind(socket_path: &Path) -> Result<UnixListener, EndpointError> {
+    bind_socket(socket_path, SOCKET_DIR_MODE, SOCKET_MODE)
+}
+
+/// [`bind`] with other modes: the directory is created with `dir_mode` if missing, and the
+/// socket gets `socket_mode`.
+pub fn bind_socket(
+    socket_path: &Path,
+    dir_mode: u32,
+    socket_mode: u32,
+) -> Result<UnixListener, EndpointError> {
     let dir = socket_path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .ok_or_else(|| EndpointError::NoParent(socket_path.to_owned()))?;
     if !dir.exists() {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(SOCKET_DIR_MODE))
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode))
             .map_err(io_err(dir))?;
     }
     let meta = std::fs::metadata(dir).map_err(io_err(dir))?;
@@ -79,7 +89,7 @@ pub fn bind(socket_path: &Path) -> Result<UnixListener, EndpointError> {
         Err(e) => return Err(io_err(socket_path)(e)),
     }
     let listener = UnixListener::bind(socket_path).map_err(io_err(socket_path))?;
-    std::fs::set_permissions(socket_path, std::fs::Permissions::from_mode(SOCKET_MODE))
+    std::fs::set_permissions(socket_path, std::fs::Permissions::from_mode(socket_mode))
         .map_err(io_err(socket_path))?;
     Ok(listener)
 }

@@ -212,9 +212,9 @@ impl JwtSvidCache {
     }
 
     /// Drops cached tokens of SPIFFE IDs no longer in `keep` (after entries were deleted).
-    pub fn retain_ids(&self, keep: &BTreeSet<SpiffeId>) {
+    pub fn retain_ids(&self, keep: impl Fn(&SpiffeId) -> bool) {
         let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-        tokens.retain(|(id, _), _| keep.contains(id));
+        tokens.retain(|(id, _), _| keep(id));
     }
 
     /// Number of cached tokens.
@@ -313,7 +313,7 @@ mod tests {
         assert_eq!(source.calls.load(Ordering::SeqCst), 0);
         cache.get(&id, &["a".into()]).await.unwrap();
         assert_eq!(cache.len(), 1);
-        cache.retain_ids(&BTreeSet::new());
+        cache.retain_ids(|_| false);
         assert!(cache.is_empty());
     }
 

@@ -1,6 +1,7 @@
 //! The `plinth-agent` binary: `run -config agent.toml [-joinToken T]` runs the agent,
 //! `validate -config agent.toml` checks a config, `healthcheck` checks that a running agent's
-//! Workload API answers, and the `api` commands talk to that Workload API like
+//! Workload API answers, `debug info` reads the admin socket (SPIRE's Debug API), and the `api`
+//! commands talk to that Workload API like
 //! `spire-agent api ...` (same flag spellings: `-socketPath`, `-write`, `-audience`, `-spiffeID`,
 //! `-svid`; Go-style single-dash long flags are accepted).
 
@@ -15,6 +16,8 @@ use clap::{Args, Parser, Subcommand};
 use plinth_agent::client::{connect, socket_path_from_addr, WorkloadClient};
 use plinth_agent::config::Config;
 use plinth_api::convert::{x509_bundles, ReceivedX509Svid};
+use plinth_api::spire::agent::debug::v1::debug_client::DebugClient;
+use plinth_api::spire::agent::debug::v1::{GetInfoRequest, GetInfoResponse};
 use plinth_api::workload::{
     JwtBundlesRequest, JwtsvidRequest, ValidateJwtsvidRequest, X509BundlesRequest, X509svidRequest,
     X509svidResponse, ENDPOINT_SOCKET_ENV,
@@ -25,6 +28,8 @@ use plinth_spiffe::BundleSet;
 /// Where `plinth-agent api` looks for the socket when neither `-socketPath` nor
 /// `SPIFFE_ENDPOINT_SOCKET` says.
 const DEFAULT_SOCKET_PATH: &str = "/tmp/plinth-agent/public/api.sock";
+/// Where `plinth-agent debug` looks for the admin socket unless `-socketPath` says.
+const DEFAULT_ADMIN_SOCKET_PATH: &str = "/tmp/plinth-agent/private/admin.sock";
 
 #[derive(Debug, Parser)]
 #[command(name = "plinth-agent", version, about = "The plinth node agent")]
@@ -56,6 +61,28 @@ enum Command {
     Api {
         #[command(subcommand)]
         command: ApiCommand,
+    },
+    /// Read a running agent's admin socket (admin_socket_path).
+    Debug {
+        #[command(subcommand)]
+        command: DebugCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DebugCommand {
+    /// What the agent holds: its SVID chain, uptime, cached SVIDs, last sync (SPIRE's
+    /// Debug.GetInfo).
+    Info {
+        /// Path of the admin socket (default /tmp/plinth-agent/private/admin.sock).
+        #[arg(long = "socketPath")]
+        socket_path: Option<PathBuf>,
+        /// Output format: pretty or json.
+        #[arg(long = "output", default_value = "pretty")]
+        output: String,
+        /// Seconds to wait for an answer.
+        #[arg(long = "timeout", default_value_t = 5)]
+        timeout: u64,
     },
 }
 
@@ -267,8 +294,10 @@ fn run_agent(cfg: Config) -> Result<()> {
             "{l},h2=info,hyper=info,hyper_util=info,tower=info,rustls=info,tonic=info"
         ))
     });
+    // Colour only on a terminal: logs redirected to a file or journald stay plain text.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -327,7 +356,104 @@ async fn healthcheck(common: &Common) -> Result<()> {
     }
 }
 
+fn format_time(unix: i64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp(unix) {
+        Ok(t) => format!("{t} ({unix})"),
+        Err(_) => unix.to_string(),
+    }
+}
+
+// `svids_count` is deprecated in SPIRE's proto but still filled and shown, as SPIRE does.
+#[allow(deprecated)]
+fn info_json(info: &GetInfoResponse) -> serde_json::Value {
+    let chain: Vec<serde_json::Value> = info
+        .svid_chain
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "id": c.id.as_ref().map(|id| serde_json::json!({
+                    "trust_domain": id.trust_domain, "path": id.path
+                })),
+                "expires_at": c.expires_at,
+                "subject": c.subject,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "svid_chain": chain,
+        "uptime": info.uptime,
+        "svids_count": info.svids_count,
+        "last_sync_success": info.last_sync_success,
+        "cached_x509_svids_count": info.cached_x509_svids_count,
+        "cached_jwt_svids_count": info.cached_jwt_svids_count,
+        "cached_svidstore_x509_svids_count": info.cached_svidstore_x509_svids_count,
+    })
+}
+
+fn print_info(info: &GetInfoResponse) {
+    println!("Uptime:\t\t\t{}s", info.uptime);
+    let last = if info.last_sync_success == 0 {
+        "never".to_owned()
+    } else {
+        format_time(info.last_sync_success)
+    };
+    println!("Last sync success:\t{last}");
+    println!("Cached X509-SVIDs:\t{}", info.cached_x509_svids_count);
+    println!("Cached JWT-SVIDs:\t{}", info.cached_jwt_svids_count);
+    println!(
+        "Agent SVID chain:\t{} certificate(s)",
+        info.svid_chain.len()
+    );
+    for (i, c) in info.svid_chain.iter().enumerate() {
+        let id =
+            c.id.as_ref()
+                .map(|id| format!("spiffe://{}{}", id.trust_domain, id.path))
+                .unwrap_or_else(|| "-".into());
+        println!("  [{i}] SPIFFE ID:\t{id}");
+        println!("      Subject:\t{}", c.subject);
+        println!("      Expires at:\t{}", format_time(c.expires_at));
+    }
+}
+
+async fn debug_info(socket: &Path, output: &str, timeout: Duration) -> Result<()> {
+    let json = match output {
+        "pretty" => false,
+        "json" => true,
+        other => bail!("invalid output format {other:?}; use pretty or json"),
+    };
+    let channel = plinth_agent::client::channel(socket)
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    let mut client = DebugClient::new(channel);
+    let call = client.get_info(GetInfoRequest {});
+    let info = tokio::time::timeout(timeout, call)
+        .await
+        .with_context(|| format!("no answer from the admin socket {}", socket.display()))?
+        .map_err(status_err)
+        .with_context(|| format!("admin socket {}", socket.display()))?
+        .into_inner();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&info_json(&info))?);
+    } else {
+        print_info(&info);
+    }
+    Ok(())
+}
+
 async fn run(command: Command) -> Result<()> {
+    if let Command::Debug {
+        command:
+            DebugCommand::Info {
+                socket_path,
+                output,
+                timeout,
+            },
+    } = &command
+    {
+        let socket = socket_path
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET_PATH));
+        return debug_info(&socket, output, Duration::from_secs((*timeout).max(1))).await;
+    }
     if let Command::Healthcheck(common) = &command {
         return match healthcheck(common).await {
             Ok(()) => {

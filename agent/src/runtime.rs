@@ -13,6 +13,7 @@ use plinth_spiffe::{Bundle, BundleSet};
 use rand::Rng;
 use time::OffsetDateTime;
 
+use crate::admin::{AgentInfo, DebugApi};
 use crate::attest::docker::DockerAttestor;
 use crate::attest::systemd::SystemdAttestor;
 use crate::attest::unix::UnixAttestor;
@@ -46,6 +47,8 @@ pub enum RunError {
     Refused(String),
     #[error("Workload API: {0}")]
     Endpoint(#[from] endpoint::EndpointError),
+    #[error("admin socket: {0}")]
+    Admin(endpoint::EndpointError),
     #[error("{0}")]
     Other(String),
 }
@@ -115,6 +118,9 @@ struct Agent {
     cfg: Config,
     dir: DataDir,
     connector: Connector,
+    info: Arc<AgentInfo>,
+    /// The sync's last success (Unix seconds), shared with `info`.
+    last_sync: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Agent {
@@ -171,6 +177,7 @@ impl Agent {
     }
 
     fn use_svid(&self, svid: &AgentSvid) -> Result<(), RunError> {
+        self.info.set_agent_svid(&svid.svid);
         self.connector
             .svid()
             .set(&svid.svid, svid.key.clone())
@@ -192,10 +199,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
         Arc::new(SvidHolder::empty()),
     )
     .map_err(|e| RunError::Other(e.to_string()))?;
+    let last_sync = Arc::new(std::sync::atomic::AtomicI64::new(0));
     let agent = Agent {
         cfg,
         dir,
         connector,
+        info: Arc::new(AgentInfo::new(last_sync.clone())),
+        last_sync,
     };
     // Dropping the main loop stops the Workload API too.
     let result = tokio::select! {
@@ -205,10 +215,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
             Ok(())
         }
     };
-    if std::fs::symlink_metadata(&agent.cfg.socket_path)
-        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
-    {
-        let _ = std::fs::remove_file(&agent.cfg.socket_path);
+    let sockets = std::iter::once(&agent.cfg.socket_path).chain(&agent.cfg.admin_socket_path);
+    for path in sockets {
+        if std::fs::symlink_metadata(path)
+            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+        {
+            let _ = std::fs::remove_file(path);
+        }
     }
     result
 }
@@ -279,6 +292,19 @@ async fn main_loop(agent: &Agent) -> Result<(), RunError> {
         }
     });
     let _abort_api = AbortOnDrop(api_task);
+    let _abort_admin = match &agent.cfg.admin_socket_path {
+        Some(path) => {
+            let listener = crate::admin::bind(path).map_err(RunError::Admin)?;
+            let debug = DebugApi::new(agent.info.clone(), cache.clone(), jwt.clone());
+            tracing::info!(socket = %path.display(), "serving the admin API");
+            Some(AbortOnDrop(tokio::spawn(async move {
+                if let Err(e) = crate::admin::serve(listener, debug, std::future::pending()).await {
+                    tracing::error!(error = %e, "the admin API stopped");
+                }
+            })))
+        }
+        None => None,
+    };
 
     // 3. Sync, reconnecting and failing over, renewing the agent SVID at half-life.
     let mut syncer = Syncer::new(
@@ -287,7 +313,9 @@ async fn main_loop(agent: &Agent) -> Result<(), RunError> {
         jwt,
         agent.connector.bundles().clone(),
         Some(agent.dir.clone()),
-    );
+    )
+    .with_budget(agent.cfg.svid_budget)
+    .with_last_sync_success(agent.last_sync.clone());
     let mut renew_at = renew_time(&svid, fresh);
     loop {
         let conn = match agent.connector.connect().await {

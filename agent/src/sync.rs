@@ -21,7 +21,8 @@
 //! alias ID that is also the SPIFFE ID of a sent workload entry counts as nested: keep alias IDs
 //! and workload IDs apart.)
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -39,8 +40,9 @@ use rand::Rng;
 use time::OffsetDateTime;
 use tonic::transport::Channel;
 
-use crate::cache::{Entry, Identity, IdentityCache};
+use crate::cache::{CachedSvid, Entry, Identity, IdentityCache};
 use crate::jwt::{BoxFuture, JwtSourceError, JwtSvid, JwtSvidCache, JwtSvidSource};
+use crate::lru::{self, Budget};
 use crate::node::{bundle_from_proto, is_refusal};
 use crate::store::DataDir;
 
@@ -52,6 +54,9 @@ pub const SVID_BATCHES_IN_FLIGHT: usize = 4;
 pub const RETRY_AFTER: Duration = Duration::from_secs(5);
 /// How long one SVID batch may take.
 pub const BATCH_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest entry-stream message accepted. The server sends the whole authorized set in its first
+/// message (about 200 bytes an entry: 100 000 entries are about 20 MB).
+pub const MAX_SYNC_MESSAGE_LEN: usize = 256 * 1024 * 1024;
 /// SVIDs are renewed at a random point between this fraction of their lifetime and half of it.
 pub const ROTATE_EARLIEST: f64 = 0.4;
 
@@ -164,6 +169,12 @@ struct SvidParams {
 }
 
 impl SvidParams {
+    fn matches(&self, e: &pb::Entry) -> bool {
+        self.spiffe_id == e.spiffe_id
+            && self.x509_svid_ttl == e.x509_svid_ttl
+            && self.dns_names == e.dns_names
+    }
+
     fn of(e: &pb::Entry) -> Self {
         Self {
             spiffe_id: e.spiffe_id.clone(),
@@ -217,9 +228,9 @@ impl JwtSvidSource for ServerJwtSource {
             let entry_id = self
                 .cache
                 .state()
-                .identities()
-                .find(|i| &i.entry.spiffe_id == spiffe_id)
-                .map(|i| i.entry.id.clone())
+                .entries()
+                .find(|e| &e.spiffe_id == spiffe_id)
+                .map(|e| e.id.clone())
                 .ok_or_else(|| JwtSourceError::Refused(format!("no entry for {spiffe_id}")))?;
             let ch = self
                 .channel
@@ -274,6 +285,12 @@ pub struct Syncer {
     data_dir: Option<DataDir>,
     /// Everything the server sent, by entry ID.
     entries: BTreeMap<String, pb::Entry>,
+    /// Sent entries as the cache holds them, converted once per change (`None`: malformed).
+    converted: HashMap<String, Option<Arc<Entry>>>,
+    /// How many X509-SVIDs to hold (see [`crate::lru`]).
+    budget: Budget,
+    /// When a message of the entry stream was last applied (Unix seconds; 0: never).
+    last_sync_success: Arc<AtomicI64>,
     /// For each cached identity: what its SVID was issued for and when to rotate it.
     issued: BTreeMap<String, Issued>,
     /// Entries whose SVID could not be had, and when to try again.
@@ -297,13 +314,35 @@ impl Syncer {
             tls_bundles,
             data_dir,
             entries: BTreeMap::new(),
+            converted: HashMap::new(),
+            budget: Budget::default(),
+            last_sync_success: Arc::new(AtomicI64::new(0)),
             issued: BTreeMap::new(),
             retry: BTreeMap::new(),
         }
     }
 
+    /// Sets how many X509-SVIDs the agent holds and prefetches.
+    pub fn with_budget(mut self, budget: Budget) -> Self {
+        self.budget = budget;
+        self
+    }
+
+    /// Where to record when a message of the entry stream was last applied in full (Unix
+    /// seconds; 0: never).
+    pub fn with_last_sync_success(mut self, at: Arc<AtomicI64>) -> Self {
+        self.last_sync_success = at;
+        self
+    }
+
     fn next_wake(&self) -> Option<OffsetDateTime> {
-        let rotate = self.issued.values().map(|i| i.rotate_at).min();
+        // An SVID whose renewal failed waits for its retry time, not its (past) rotation time.
+        let rotate = self
+            .issued
+            .iter()
+            .filter(|(id, _)| !self.retry.contains_key(*id))
+            .map(|(_, i)| i.rotate_at)
+            .min();
         let retry = self.retry.values().min().copied();
         match (rotate, retry) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -322,6 +361,7 @@ impl Syncer {
         mut on_first: impl FnMut(),
     ) -> Result<SessionEnd, SyncError> {
         let mut stream = EntryServiceClient::new(channel.clone())
+            .max_decoding_message_size(MAX_SYNC_MESSAGE_LEN)
             .sync_authorized_entries(pb::SyncAuthorizedEntriesRequest {
                 from_revision: 0,
                 ..Default::default()
@@ -330,6 +370,7 @@ impl Syncer {
             .map_err(|s| status_err("opening the entry stream", s))?
             .into_inner();
         let mut first = true;
+        let usage = self.cache.usage().clone();
         loop {
             let now = OffsetDateTime::now_utc();
             if now >= renew_at {
@@ -348,6 +389,10 @@ impl Syncer {
                         on_first();
                     }
                 }
+                _ = usage.wanted() => {
+                    // A workload waits for SVIDs the cache does not hold.
+                    self.reconcile(&channel, agent_id, None, None, &BTreeSet::new()).await?;
+                }
                 _ = tokio::time::sleep(sleep) => {
                     if OffsetDateTime::now_utc() >= renew_at {
                         return Ok(SessionEnd::RenewAgent);
@@ -356,7 +401,7 @@ impl Syncer {
                     let due: BTreeSet<String> = self
                         .issued
                         .iter()
-                        .filter(|(_, i)| i.rotate_at <= now)
+                        .filter(|(id, i)| i.rotate_at <= now && !self.retry.contains_key(*id))
                         .map(|(id, _)| id.clone())
                         .collect();
                     self.retry.retain(|_, at| *at > now);
@@ -378,12 +423,15 @@ impl Syncer {
     ) -> Result<(), SyncError> {
         if msg.full {
             self.entries.clear();
+            self.converted.clear();
         }
         let (upserted, deleted) = (msg.upserted.len(), msg.deleted_ids.len());
         for e in msg.upserted {
+            self.converted.remove(&e.id);
             self.entries.insert(e.id.clone(), e);
         }
         for id in &msg.deleted_ids {
+            self.converted.remove(id);
             self.entries.remove(id);
         }
         tracing::debug!(
@@ -423,12 +471,27 @@ impl Syncer {
             None
         };
         self.reconcile(channel, agent_id, bundle, federated, &BTreeSet::new())
-            .await
+            .await?;
+        self.last_sync_success.store(
+            OffsetDateTime::now_utc().unix_timestamp(),
+            Ordering::Relaxed,
+        );
+        if msg.full {
+            let state = self.cache.state();
+            tracing::info!(
+                entries = state.entry_count(),
+                svids = state.svid_count(),
+                revision = msg.revision,
+                "entries synced"
+            );
+        }
+        Ok(())
     }
 
     /// Brings the cache in line with `self.entries`: removes what is no longer served, updates
-    /// changed entries, gets SVIDs for new entries, changed ones and those in `rotate`, and
-    /// publishes it all (with the bundles) as one change.
+    /// changed entries, decides which SVIDs to hold ([`lru::plan`]: those open streams need,
+    /// prefetch, eviction), gets SVIDs for new, changed and due (`rotate`) ones, and publishes
+    /// it all (with the bundles) as one change.
     async fn reconcile(
         &mut self,
         channel: &Channel,
@@ -439,46 +502,90 @@ impl Syncer {
     ) -> Result<(), SyncError> {
         let state = self.cache.state();
         let served = servable(agent_id.as_str(), &self.entries);
-        let mut removes: Vec<String> = state
-            .identities()
-            .filter(|i| !served.contains_key(i.entry.id.as_str()))
-            .map(|i| i.entry.id.clone())
-            .collect();
-        let mut updates = Vec::new();
-        let mut needs: Vec<(Entry, pb::Entry)> = Vec::new();
+
+        // The entries the cache is to hold.
+        let mut next: BTreeMap<&str, Arc<Entry>> = BTreeMap::new();
         for (id, wire) in &served {
-            let entry = match entry_from_proto(wire) {
-                Ok(e) => e,
-                Err(err) => {
-                    tracing::warn!(entry_id = %id, error = %err, "ignoring a malformed entry");
-                    if state.identity(id).is_some() {
-                        removes.push((*id).to_owned());
+            if !self.converted.contains_key(*id) {
+                let conv = entry_from_proto(wire).and_then(|e| {
+                    if e.spiffe_id.is_member_of(&self.td) {
+                        Ok(e)
+                    } else {
+                        Err(format!(
+                            "{} is not in trust domain {}",
+                            e.spiffe_id, self.td
+                        ))
                     }
-                    continue;
-                }
-            };
-            let current = state.identity(id);
-            let up_to_date = current.is_some()
-                && self
-                    .issued
-                    .get(*id)
-                    .is_some_and(|i| i.params == SvidParams::of(wire));
-            if up_to_date && !rotate.contains(*id) {
-                if current.is_some_and(|c| c.entry != entry) {
-                    updates.push(entry);
-                }
-            } else {
-                // Not yet issued, settings changed, or due: a new SVID. Skip entries waiting
-                // for a retry unless they are due.
-                if !up_to_date && self.retry.contains_key(*id) {
-                    continue;
-                }
-                if current.is_some_and(|c| c.entry.spiffe_id != entry.spiffe_id) {
-                    // The old SVID names the old ID: stop serving it now.
-                    removes.push((*id).to_owned());
-                }
-                needs.push((entry, (*wire).clone()));
+                });
+                let conv = match conv {
+                    Ok(e) => Some(Arc::new(e)),
+                    Err(err) => {
+                        tracing::warn!(entry_id = %id, error = %err, "ignoring a malformed entry");
+                        None
+                    }
+                };
+                self.converted.insert((*id).to_owned(), conv);
             }
+            if let Some(Some(e)) = self.converted.get(*id) {
+                next.insert(*id, e.clone());
+            }
+        }
+
+        // SVIDs held that still name their entry's SPIFFE ID; of those, the ones to renew
+        // (entry settings changed, or due for rotation).
+        let mut cached: HashSet<&str> = HashSet::new();
+        let mut renew: Vec<&str> = Vec::new();
+        for (id, e) in &next {
+            let Some(held) = state.identity(id) else {
+                continue;
+            };
+            if held.svid.spiffe_id != e.spiffe_id {
+                continue; // dropped with the entry update below
+            }
+            cached.insert(*id);
+            let current = self
+                .issued
+                .get(*id)
+                .is_some_and(|i| i.params.matches(served[id]));
+            if (!current && !self.retry.contains_key(*id)) || rotate.contains(*id) {
+                renew.push(*id);
+            }
+        }
+
+        // Entries an open Workload API stream needs.
+        let subscribers = self.cache.usage().subscribers();
+        let protected: HashSet<&str> = if subscribers.is_empty() {
+            HashSet::new()
+        } else {
+            next.iter()
+                .filter(|(_, e)| subscribers.iter().any(|s| e.selectors.matched_by(s)))
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        let eligible: Vec<&str> = next
+            .keys()
+            .copied()
+            .filter(|id| !self.retry.contains_key(*id))
+            .collect();
+        let last_used = self.cache.usage().last_used();
+        let plan = lru::plan(&eligible, &cached, &protected, &last_used, self.budget);
+        let evict: HashSet<&str> = plan.evict.iter().map(String::as_str).collect();
+        if !plan.evict.is_empty() {
+            tracing::debug!(
+                count = plan.evict.len(),
+                "evicting least recently used SVIDs"
+            );
+        }
+
+        let needs: Vec<(Entry, pb::Entry)> = renew
+            .iter()
+            .copied()
+            .filter(|id| !evict.contains(id))
+            .chain(plan.fetch.iter().map(String::as_str))
+            .filter_map(|id| Some((Entry::clone(next.get(id)?), (*served.get(id)?).clone())))
+            .collect();
+        if !needs.is_empty() {
+            tracing::debug!(entries = next.len(), svids = needs.len(), "fetching SVIDs");
         }
         let fetched = if needs.is_empty() {
             Fetched {
@@ -487,7 +594,13 @@ impl Syncer {
                 error: None,
             }
         } else {
-            fetch_svids(channel, needs).await
+            let f = fetch_svids(channel, needs).await;
+            tracing::debug!(
+                svids = f.identities.len(),
+                failed = f.failed.len(),
+                "SVIDs fetched"
+            );
+            f
         };
 
         let bundle_changed = bundle.as_ref().is_some_and(|b| b != state.bundle());
@@ -515,19 +628,31 @@ impl Syncer {
                     }
                 }
             }
-            for id in &removes {
+            let gone: Vec<String> = s
+                .entries()
+                .filter(|e| !next.contains_key(e.id.as_str()))
+                .map(|e| e.id.clone())
+                .collect();
+            for id in &gone {
                 s.remove_entry(id);
             }
-            for e in &updates {
-                if let Err(err) = s.update_entry(e.clone()) {
-                    tracing::warn!(entry_id = %e.id, error = %err, "entry update not applied");
+            for e in next.values() {
+                if let Err(err) = s.put_entry(e.clone()) {
+                    tracing::warn!(entry_id = %e.id, error = %err, "entry not cached");
                 }
             }
+            for id in &evict {
+                s.remove_svid(id);
+            }
             for (identity, _, _) in &fetched.identities {
-                let id = identity.entry.id.clone();
-                if let Err(err) = s.put_identity(identity.clone()) {
+                let id = identity.entry.id.as_str();
+                let svid = CachedSvid {
+                    svid: identity.svid.clone(),
+                    private_key: identity.private_key.clone(),
+                };
+                if let Err(err) = s.put_svid(id, svid) {
                     tracing::warn!(entry_id = %id, error = %err, "SVID not cached");
-                    rejected.push(id);
+                    rejected.push(id.to_owned());
                 }
             }
             Ok(())
@@ -537,9 +662,6 @@ impl Syncer {
             tracing::error!(error = %e, "cache update failed");
         }
 
-        for id in &removes {
-            self.issued.remove(id);
-        }
         let now = OffsetDateTime::now_utc();
         for (identity, params, rotate_at) in fetched.identities {
             if rejected.contains(&identity.entry.id) {
@@ -554,16 +676,15 @@ impl Syncer {
             tracing::warn!(entry_id = %id, reason = %reason, "no SVID for entry; retrying later");
             self.retry.insert(id, now + RETRY_AFTER);
         }
-        // Forget what no longer exists.
-        self.issued.retain(|id, _| served.contains_key(id.as_str()));
-        self.retry.retain(|id, _| served.contains_key(id.as_str()));
-        let keep: BTreeSet<SpiffeId> = self
-            .cache
-            .state()
-            .identities()
-            .map(|i| i.entry.spiffe_id.clone())
-            .collect();
-        self.jwt.retain_ids(&keep);
+        // Forget what no longer exists: rotation only for SVIDs held.
+        let after = self.cache.state();
+        self.issued.retain(|id, _| after.has_svid(id));
+        self.retry.retain(|id, _| next.contains_key(id.as_str()));
+        self.cache.usage().retain(|id| next.contains_key(id));
+        if !self.jwt.is_empty() {
+            let keep: HashSet<&SpiffeId> = next.values().map(|e| &e.spiffe_id).collect();
+            self.jwt.retain_ids(|id| keep.contains(id));
+        }
 
         if bundle_changed {
             if let Some(b) = bundle {

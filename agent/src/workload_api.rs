@@ -4,10 +4,17 @@
 //! call from kernel facts (see [`crate::attest`]), and gets the identities whose entries its
 //! selectors match. Streams send the full state at once and again on every cache change that
 //! alters what this caller would receive.
+//!
+//! The cache holds X509-SVIDs for only some entries (see [`crate::lru`]). A caller whose
+//! matching entries lack an SVID waits, up to [`DEFAULT_SVID_WAIT`], while the agent gets them
+//! from a server; its stream then starts with all of them. If the wait ends with some SVIDs it
+//! starts with those (the rest follow on the stream as they arrive); with none, the call fails
+//! with `Unavailable`, which clients retry.
 
 use std::collections::{BTreeSet, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::Stream;
 use plinth_api::workload::spiffe_workload_api_server::{
@@ -24,11 +31,15 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::attest::{attest_all, AttestError, Peer, WorkloadAttestor};
-use crate::cache::{CacheState, Identity, IdentityCache};
+use crate::cache::{CacheState, IdentityCache};
 use crate::jwt::{Clock, JwtSourceError, JwtSvidCache};
+use crate::lru::{Subscription, SvidUsage};
 
 /// Largest request accepted (requests are tiny; a JWT to validate is at most 16 KiB).
 pub const MAX_REQUEST_LEN: usize = 64 * 1024;
+
+/// How long a FetchX509SVID call waits for SVIDs the cache does not hold yet.
+pub const DEFAULT_SVID_WAIT: Duration = Duration::from_secs(30);
 
 /// What the endpoint learned about a connection's caller at accept time; tonic hands it to every
 /// request on that connection as a request extension.
@@ -74,6 +85,7 @@ pub struct WorkloadApi {
     jwt: Arc<JwtSvidCache>,
     attestors: Arc<[Arc<dyn WorkloadAttestor>]>,
     clock: Arc<dyn Clock>,
+    svid_wait: Duration,
 }
 
 fn check_header<T>(req: &Request<T>) -> Result<(), ApiError> {
@@ -83,10 +95,24 @@ fn check_header<T>(req: &Request<T>) -> Result<(), ApiError> {
     }
 }
 
-fn x509_response(state: &CacheState, selectors: &Selectors) -> Result<X509svidResponse, ApiError> {
-    let identities = state.matching(selectors);
-    if identities.is_empty() {
+/// The X509-SVID response for a caller: `Ok(None)` while SVIDs of matching entries are missing
+/// (any missing one unless `partial`; all of them if `partial`), `NoIdentity` when no entry
+/// matches. With the response come the IDs of the entries it serves.
+fn x509_response(
+    state: &CacheState,
+    selectors: &Selectors,
+    partial: bool,
+) -> Result<Option<(X509svidResponse, Vec<String>)>, ApiError> {
+    let entries = state.matching(selectors);
+    if entries.is_empty() {
         return Err(ApiError::NoIdentity);
+    }
+    let identities: Vec<_> = entries
+        .iter()
+        .filter_map(|e| state.identity(&e.id))
+        .collect();
+    if identities.is_empty() || (identities.len() < entries.len() && !partial) {
+        return Ok(None);
     }
     let bundle = state.bundle().x509_der_concat();
     let svids = identities
@@ -99,29 +125,76 @@ fn x509_response(state: &CacheState, selectors: &Selectors) -> Result<X509svidRe
             hint: i.entry.hint.clone(),
         })
         .collect();
+    let served: Vec<_> = identities.iter().map(|i| i.entry).collect();
     let federated_bundles = state
-        .federated_for(&identities)
+        .federated_for(&served)
         .into_iter()
         .map(|b| (b.trust_domain().id_string(), b.x509_der_concat()))
         .collect();
-    Ok(X509svidResponse {
-        svids,
-        crl: Vec::new(),
-        federated_bundles,
-    })
+    let ids = served.iter().map(|e| e.id.clone()).collect();
+    Ok(Some((
+        X509svidResponse {
+            svids,
+            crl: Vec::new(),
+            federated_bundles,
+        },
+        ids,
+    )))
 }
 
-/// Own bundle plus the federated bundles of the caller's identities.
+/// Waits until every entry matching `selectors` holds an SVID, asking the sync for the missing
+/// ones, for at most `wait`; then answers with what there is.
+async fn first_x509(
+    rx: &mut watch::Receiver<Arc<CacheState>>,
+    usage: &SvidUsage,
+    selectors: &Selectors,
+    wait: Duration,
+) -> Result<X509svidResponse, ApiError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut asked = false;
+    loop {
+        let state = rx.borrow_and_update().clone();
+        if let Some((resp, ids)) = x509_response(&state, selectors, false)? {
+            usage.touch(ids.iter().map(String::as_str));
+            return Ok(resp);
+        }
+        if !asked {
+            tracing::debug!("waiting for X509-SVIDs the cache does not hold");
+            asked = true;
+        }
+        usage.want();
+        match tokio::time::timeout_at(deadline, rx.changed()).await {
+            Ok(Ok(())) => continue,
+            Ok(Err(_)) => return Err(ApiError::Unavailable("the agent is shutting down".into())),
+            Err(_) => {
+                let state = rx.borrow_and_update().clone();
+                return match x509_response(&state, selectors, true)? {
+                    Some((resp, ids)) => {
+                        usage.touch(ids.iter().map(String::as_str));
+                        Ok(resp)
+                    }
+                    None => Err(ApiError::Unavailable(format!(
+                        "no X509-SVID available yet for this workload: the agent could not get \
+                         one from a server within {}s",
+                        wait.as_secs()
+                    ))),
+                };
+            }
+        }
+    }
+}
+
+/// Own bundle plus the federated bundles of the caller's entries (bundles need no SVID).
 fn caller_bundles<'a>(
     state: &'a CacheState,
     selectors: &Selectors,
 ) -> Result<Vec<&'a Bundle>, ApiError> {
-    let identities = state.matching(selectors);
-    if identities.is_empty() {
+    let entries = state.matching(selectors);
+    if entries.is_empty() {
         return Err(ApiError::NoIdentity);
     }
     let mut out = vec![state.bundle()];
-    out.extend(state.federated_for(&identities));
+    out.extend(state.federated_for(&entries));
     Ok(out)
 }
 
@@ -167,9 +240,56 @@ fn jwt_only(b: &Bundle) -> Result<Bundle, plinth_spiffe::BundleError> {
     Ok(j)
 }
 
-/// A stream that sends `build(state)` now and again whenever the cache changes what it returns;
-/// an error (the caller lost its last identity) is sent and ends the stream.
-fn push_stream<T, F>(
+/// A stream that sends `first` now and then `build(state)` whenever the cache changes what it
+/// returns (`Ok(None)`: nothing to send yet); an error (the caller lost its last identity) is
+/// sent and ends the stream. `guard` lives as long as the stream.
+fn push_stream<T, F, G>(
+    rx: watch::Receiver<Arc<CacheState>>,
+    selectors: Selectors,
+    first: T,
+    build: F,
+    guard: G,
+) -> PushStream<T>
+where
+    T: PartialEq + Clone + Send + 'static,
+    F: Fn(&CacheState, &Selectors) -> Result<Option<T>, ApiError> + Send + Sync + 'static,
+    G: Send + 'static,
+{
+    let stream = futures_util::stream::unfold(
+        (rx, selectors, build, Some(first), true, guard),
+        |(mut rx, selectors, build, last, first_pending, guard)| async move {
+            let last = last?;
+            if first_pending {
+                return Some((
+                    Ok(last.clone()),
+                    (rx, selectors, build, Some(last), false, guard),
+                ));
+            }
+            loop {
+                // The cache is gone: the agent is shutting down; end the stream.
+                rx.changed().await.ok()?;
+                let state = rx.borrow_and_update().clone();
+                match build(&state, &selectors) {
+                    Err(e) => {
+                        return Some((Err(e.into()), (rx, selectors, build, None, false, guard)))
+                    }
+                    Ok(None) => continue,
+                    Ok(Some(m)) if m == last => continue,
+                    Ok(Some(m)) => {
+                        return Some((
+                            Ok(m.clone()),
+                            (rx, selectors, build, Some(m), false, guard),
+                        ));
+                    }
+                }
+            }
+        },
+    );
+    Box::pin(stream)
+}
+
+/// A bundle stream: the first answer at once, then every change.
+fn bundle_stream<T, F>(
     mut rx: watch::Receiver<Arc<CacheState>>,
     selectors: Selectors,
     build: F,
@@ -180,28 +300,13 @@ where
 {
     let current = rx.borrow_and_update().clone();
     let first = build(&current, &selectors)?;
-    let stream = futures_util::stream::unfold(
-        (rx, selectors, build, Some(first), true),
-        |(mut rx, selectors, build, last, first_pending)| async move {
-            let last = last?;
-            if first_pending {
-                return Some((Ok(last.clone()), (rx, selectors, build, Some(last), false)));
-            }
-            loop {
-                // The cache is gone: the agent is shutting down; end the stream.
-                rx.changed().await.ok()?;
-                let state = rx.borrow_and_update().clone();
-                match build(&state, &selectors) {
-                    Err(e) => return Some((Err(e.into()), (rx, selectors, build, None, false))),
-                    Ok(m) if m == last => continue,
-                    Ok(m) => {
-                        return Some((Ok(m.clone()), (rx, selectors, build, Some(m), false)));
-                    }
-                }
-            }
-        },
-    );
-    Ok(Box::pin(stream))
+    Ok(push_stream(
+        rx,
+        selectors,
+        first,
+        move |s: &CacheState, sel: &Selectors| build(s, sel).map(Some),
+        (),
+    ))
 }
 
 /// Converts JSON claims to a protobuf `Struct`.
@@ -238,7 +343,14 @@ impl WorkloadApi {
             jwt,
             attestors: attestors.into(),
             clock,
+            svid_wait: DEFAULT_SVID_WAIT,
         }
+    }
+
+    /// How long FetchX509SVID waits for SVIDs the cache does not hold yet.
+    pub fn with_svid_wait(mut self, wait: Duration) -> Self {
+        self.svid_wait = wait;
+        self
     }
 
     /// The tonic service, with request size limits.
@@ -291,7 +403,7 @@ impl WorkloadApi {
         let state = self.cache.state();
         let mut ids: Vec<(SpiffeId, String)> = Vec::new();
         let mut seen = BTreeSet::new();
-        for Identity { entry, .. } in state.matching(&selectors) {
+        for entry in state.matching(&selectors) {
             if wanted.as_ref().is_some_and(|w| w != &entry.spiffe_id) {
                 continue;
             }
@@ -363,7 +475,27 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let selectors = self.admit(&request).await?;
-        push_stream(self.cache.subscribe(), selectors, x509_response).map(Response::new)
+        let usage = self.cache.usage().clone();
+        // Registered before waiting, so that the sync fetches (and never evicts) what this
+        // caller needs.
+        let subscription: Subscription = usage.subscribe(selectors.clone());
+        let mut rx = self.cache.subscribe();
+        let first = first_x509(&mut rx, &usage, &selectors, self.svid_wait).await?;
+        let build = move |state: &CacheState,
+                          selectors: &Selectors|
+              -> Result<Option<X509svidResponse>, ApiError> {
+            Ok(x509_response(state, selectors, true)?.map(|(resp, ids)| {
+                usage.touch(ids.iter().map(String::as_str));
+                resp
+            }))
+        };
+        Ok(Response::new(push_stream(
+            rx,
+            selectors,
+            first,
+            build,
+            subscription,
+        )))
     }
 
     async fn fetch_x509_bundles(
@@ -371,7 +503,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         let selectors = self.admit(&request).await?;
-        push_stream(self.cache.subscribe(), selectors, x509_bundles_response).map(Response::new)
+        bundle_stream(self.cache.subscribe(), selectors, x509_bundles_response).map(Response::new)
     }
 
     async fn fetch_jwtsvid(
@@ -386,7 +518,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         let selectors = self.admit(&request).await?;
-        push_stream(self.cache.subscribe(), selectors, jwt_bundles_response).map(Response::new)
+        bundle_stream(self.cache.subscribe(), selectors, jwt_bundles_response).map(Response::new)
     }
 
     async fn validate_jwtsvid(

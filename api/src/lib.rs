@@ -1,4 +1,5 @@
-//! plinth-api: the `.proto` files plinth speaks (the SPIFFE Workload API and the plinth server API)
+//! plinth-api: the `.proto` files plinth speaks (the SPIFFE Workload API, the plinth server API and
+//! SPIRE's agent Debug API)
 //! and the tonic/prost code generated from them, committed so that a build needs no `protoc`.
 //!
 //! Owns: wire types only. Domain code converts to `plinth-spiffe` types at the edge with `TryFrom`.
@@ -11,4 +12,26 @@ pub mod workload;
 pub mod server {
     #![allow(missing_docs, clippy::all, missing_debug_implementations)]
     include!("gen/plinth.server.v1.rs");
+}
+
+/// SPIRE's wire types that plinth serves unchanged (`proto/spire/`), under their SPIRE packages.
+pub mod spire {
+    /// `spire.api.types`.
+    pub mod api {
+        pub mod types {
+            #![allow(missing_docs, clippy::all, missing_debug_implementations)]
+            include!("gen/spire.api.types.rs");
+        }
+    }
+
+    /// `spire.agent.*`: the agent's admin APIs.
+    pub mod agent {
+        pub mod debug {
+            /// `spire.agent.debug.v1`: the Debug service (`GetInfo`).
+            pub mod v1 {
+                #![allow(missing_docs, clippy::all, missing_debug_implementations)]
+                include!("gen/spire.agent.debug.v1.rs");
+            }
+        }
+    }
 }

@@ -14,6 +14,16 @@ const PROTOS: &[(&str, &str, &str)] = &[
         "plinth.server.v1.rs",
         "plinth.server.v1.rs",
     ),
+    (
+        "spire/api/types/spiffeid.proto",
+        "spire.api.types.rs",
+        "spire.api.types.rs",
+    ),
+    (
+        "spire/api/agent/debug/v1/debug.proto",
+        "spire.agent.debug.v1.rs",
+        "spire.agent.debug.v1.rs",
+    ),
 ];
 
 fn generate(proto: &str, out_dir: &Path) {

@@ -124,6 +124,18 @@ impl Harness {
     }
 
     pub async fn start_with(attestors: Vec<Arc<dyn WorkloadAttestor>>) -> Self {
+        Self::start_configured(attestors, None).await
+    }
+
+    /// A harness whose FetchX509SVID waits at most `svid_wait` for SVIDs the cache lacks.
+    pub async fn start_with_svid_wait(svid_wait: Duration) -> Self {
+        Self::start_configured(vec![Arc::new(UnixAttestor::default())], Some(svid_wait)).await
+    }
+
+    async fn start_configured(
+        attestors: Vec<Arc<dyn WorkloadAttestor>>,
+        svid_wait: Option<Duration>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         // Let processes of other users reach the socket directory.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -140,7 +152,10 @@ impl Harness {
             clock.clone(),
         ));
         let jwt = Arc::new(JwtSvidCache::new(source, clock.clone()));
-        let api = WorkloadApi::new(cache.clone(), jwt.clone(), attestors, clock);
+        let mut api = WorkloadApi::new(cache.clone(), jwt.clone(), attestors, clock);
+        if let Some(wait) = svid_wait {
+            api = api.with_svid_wait(wait);
+        }
         let listener = endpoint::bind(&socket).unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {

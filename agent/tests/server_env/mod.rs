@@ -1,0 +1,237 @@
+//! A real plinth server in process (Raft, RocksDB, the TLS API, one node) and the real
+//! `plinth-agent run` binary beside it, for end-to-end tests that need their own agent settings.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use plinth_api::server as pb;
+use plinth_api::server::agent_service_client::AgentServiceClient;
+use plinth_api::server::bundle_service_client::BundleServiceClient;
+use plinth_api::server::entry_service_client::EntryServiceClient;
+use plinth_server::config::Config as ServerConfig;
+use plinth_server::run::{start, RunningServer};
+use tonic::transport::Channel;
+
+/// Generous bound for anything that should take well under a second (a hang guard).
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub fn my_uid() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace().nth(2).unwrap().parse().unwrap()
+}
+
+fn server_config(dir: &Path) -> ServerConfig {
+    let text = format!(
+        r#"
+[server]
+trust_domain = "example.org"
+data_dir = "{d}/server-data"
+socket_path = "{d}/admin/api.sock"
+bind_address = "127.0.0.1"
+bind_port = 0
+
+[cluster]
+node_id = 1
+bind_address = "127.0.0.1:0"
+insecure_plaintext = true
+election_timeout_min_ms = 150
+election_timeout_max_ms = 300
+heartbeat_interval_ms = 50
+
+[key_manager]
+type = "disk"
+keys_path = "{d}/server-keys"
+
+[node_attestor.join_token]
+"#,
+        d = dir.display()
+    );
+    ServerConfig::parse(&text, false).unwrap()
+}
+
+/// A server, its admin channel, and a join token for one agent.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub server: RunningServer,
+    pub admin: Channel,
+    pub token: String,
+    pub agent_id: String,
+    pub socket: PathBuf,
+    pub agent: Option<Child>,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+    }
+}
+
+impl Env {
+    /// Starts the server, writes its bundle to `bundle.pem` and makes a join token.
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        // Workloads under other UIDs must reach the socket (and the CLI copy) in here.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let server = start(server_config(dir.path())).await.unwrap();
+        let admin = plinth_server::cli::connect(&server.admin_socket)
+            .await
+            .unwrap();
+        let bundle = BundleServiceClient::new(admin.clone())
+            .get_bundle(pb::GetBundleRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        std::fs::write(
+            dir.path().join("bundle.pem"),
+            plinth_spiffe::pem::encode_certs(&bundle.x509_authorities),
+        )
+        .unwrap();
+        let token = AgentServiceClient::new(admin.clone())
+            .create_join_token(pb::CreateJoinTokenRequest {
+                ttl: 600,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .value;
+        let socket = dir.path().join("public/api.sock");
+        Self {
+            agent_id: format!("spiffe://example.org/spire/agent/join_token/{token}"),
+            dir,
+            server,
+            admin,
+            token,
+            socket,
+            agent: None,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes `agent.toml` with `extra` appended to its `[agent]` section and starts the agent
+    /// with the join token, logging to `agent.log`.
+    pub fn spawn_agent(&mut self, extra: &str) {
+        let d = self.dir.path();
+        let config = d.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[agent]
+trust_domain = "example.org"
+server_addresses = ["{addr}"]
+data_dir = "{d}/agent-data"
+socket_path = "{d}/public/api.sock"
+trust_bundle_path = "{d}/bundle.pem"
+log_level = "DEBUG"
+{extra}
+
+[node_attestor.join_token]
+
+[workload_attestor.unix]
+"#,
+                addr = self.server.tcp_addr,
+                d = d.display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("agent.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_plinth-agent"))
+            .arg("run")
+            .arg("-config")
+            .arg(&config)
+            .arg("-joinToken")
+            .arg(&self.token)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.agent = Some(child);
+    }
+
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// Polls `f` until it holds; panics with the agent log after [`WAIT`].
+    pub async fn wait_for<F: FnMut() -> bool>(&self, what: &str, mut f: F) {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "timed out waiting for {what}\nagent log:\n{}",
+            self.agent_log()
+        );
+    }
+
+    /// Creates entries through the admin socket; each must succeed.
+    pub async fn create(&self, entries: Vec<pb::Entry>) -> Vec<pb::Entry> {
+        let r = EntryServiceClient::new(self.admin.clone())
+            .batch_create_entry(pb::BatchCreateEntryRequest { entries })
+            .await
+            .unwrap()
+            .into_inner();
+        r.results
+            .into_iter()
+            .map(|res| {
+                assert_eq!(res.status.as_ref().unwrap().code, 0, "{:?}", res.status);
+                res.entry.unwrap()
+            })
+            .collect()
+    }
+
+    /// The CLI copied where other users can run it (the build directory is under /root).
+    pub fn cli_copy(&self) -> PathBuf {
+        let bin = self.dir.path().join("plinth-agent-cli");
+        if !bin.exists() {
+            std::fs::copy(env!("CARGO_BIN_EXE_plinth-agent"), &bin).unwrap();
+            std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        bin
+    }
+
+    /// The CLI run as `uid` (gid the same, no supplementary groups).
+    pub fn cli_as(&self, uid: u32, args: &[&str]) -> Command {
+        let mut c = Command::new("setpriv");
+        c.arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={uid}"))
+            .arg("--clear-groups")
+            .arg("--")
+            .arg(self.cli_copy())
+            .args(args);
+        c
+    }
+}
+
+/// An entry with a chosen ID (entries are served and prefetched in ID order).
+pub fn entry(id: &str, spiffe_id: &str, parent: &str, selector: &str) -> pb::Entry {
+    let (t, v) = selector.split_once(':').unwrap();
+    pb::Entry {
+        id: id.into(),
+        spiffe_id: spiffe_id.into(),
+        parent_id: parent.into(),
+        selectors: vec![pb::Selector {
+            r#type: t.into(),
+            value: v.into(),
+        }],
+        ..Default::default()
+    }
+}
