@@ -27,7 +27,8 @@ use crate::network::{
 use crate::state_machine::{StateMachine, CHANGE_CHANNEL_CAPACITY};
 use crate::types::{NodeId, Raft};
 
-/// Pause between attempts while no leader is known.
+/// Longest pause between attempts while no leader is known; a pause ends as soon as this node
+/// learns of a leader (see [`Inner::await_leader_change`]).
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 /// Configuration of one node. Build with [`RaftConfig::new`], adjust fields, then
@@ -316,6 +317,16 @@ impl Inner {
         }
     }
 
+    /// Waits (at most [`RETRY_PAUSE`]) until this node's view of the leader differs from
+    /// `seen`, the leader named by the attempt that just failed (`None` during an election).
+    /// Retrying on the change instead of after a fixed pause saves up to a whole pause per
+    /// election (measured: part of the leader-failover time).
+    async fn await_leader_change(&self, seen: Option<NodeId>) {
+        let mut metrics = self.raft.metrics();
+        let changed = metrics.wait_for(|m| m.current_leader.is_some() && m.current_leader != seen);
+        let _ = tokio::time::timeout(RETRY_PAUSE, changed).await;
+    }
+
     fn peer_client(
         &self,
         node: NodeId,
@@ -526,7 +537,7 @@ impl RaftNode {
             if Instant::now() >= deadline {
                 return Err(NodeError::NoLeader);
             }
-            tokio::time::sleep(RETRY_PAUSE).await;
+            self.inner.await_leader_change(leader).await;
         }
     }
 
@@ -571,7 +582,7 @@ impl RaftNode {
             if Instant::now() >= deadline {
                 return Err(NodeError::NoLeader);
             }
-            tokio::time::sleep(RETRY_PAUSE).await;
+            self.inner.await_leader_change(leader).await;
         }
     }
 
@@ -607,7 +618,7 @@ impl RaftNode {
             if Instant::now() >= deadline {
                 return Err(NodeError::NoLeader);
             }
-            tokio::time::sleep(RETRY_PAUSE).await;
+            self.inner.await_leader_change(leader).await;
         }
     }
 
