@@ -31,6 +31,13 @@ use crate::types::{NodeId, Raft};
 /// learns of a leader (see [`Inner::await_leader_change`]).
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
+/// Default heartbeat interval (see [`RaftConfig::new`] for the rationale).
+pub const DEFAULT_HEARTBEAT_MS: u64 = 30;
+/// Default lower bound of the election timeout.
+pub const DEFAULT_ELECTION_TIMEOUT_MIN_MS: u64 = 80;
+/// Default upper bound of the election timeout, which openraft 0.9 also uses as the leader lease.
+pub const DEFAULT_ELECTION_TIMEOUT_MAX_MS: u64 = 160;
+
 /// Configuration of one node. Build with [`RaftConfig::new`], adjust fields, then
 /// [`RaftNode::start`] validates it.
 #[derive(Debug, Clone)]
@@ -57,17 +64,24 @@ pub struct RaftConfig {
 }
 
 impl RaftConfig {
-    /// Defaults: 100 ms heartbeat, 500-1000 ms election timeout, snapshot every 5000 entries,
+    /// Defaults: 30 ms heartbeat, 80-160 ms election timeout, snapshot every 5000 entries,
     /// keep 1000, 5 s requests. Plain TCP is off.
+    ///
+    /// The timing is for servers on one LAN (round trips well under 1 ms). openraft 0.9 makes
+    /// a follower that has heard from a leader wait its leader lease (`election_timeout_max`)
+    /// plus its own election timeout before campaigning, so a follower campaigns only after
+    /// 240-320 ms without any message from the leader (8 heartbeats or more), and a dead leader
+    /// is replaced in about 300 ms (docs/benchmarks.md). Across sites with tens of ms of round
+    /// trip, raise all three (e.g. 100 ms heartbeat, 500-1000 ms election timeout).
     pub fn new(node_id: NodeId, listen_addr: SocketAddr, data_dir: impl Into<PathBuf>) -> Self {
         Self {
             node_id,
             listen_addr,
             advertise_addr: None,
             data_dir: data_dir.into(),
-            heartbeat_interval: Duration::from_millis(100),
-            election_timeout_min: Duration::from_millis(500),
-            election_timeout_max: Duration::from_millis(1000),
+            heartbeat_interval: Duration::from_millis(DEFAULT_HEARTBEAT_MS),
+            election_timeout_min: Duration::from_millis(DEFAULT_ELECTION_TIMEOUT_MIN_MS),
+            election_timeout_max: Duration::from_millis(DEFAULT_ELECTION_TIMEOUT_MAX_MS),
             snapshot_after_logs: 5000,
             logs_kept_after_snapshot: 1000,
             request_timeout: Duration::from_secs(5),
