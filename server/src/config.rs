@@ -280,14 +280,15 @@ fn default_raft_bind() -> String {
 fn default_true() -> bool {
     true
 }
+// Raft timing defaults: plinth-raft's, for servers on one LAN (see `RaftConfig::new`).
 fn default_election_min() -> u64 {
-    500
+    plinth_raft::node::DEFAULT_ELECTION_TIMEOUT_MIN_MS
 }
 fn default_election_max() -> u64 {
-    1000
+    plinth_raft::node::DEFAULT_ELECTION_TIMEOUT_MAX_MS
 }
 fn default_heartbeat() -> u64 {
-    100
+    plinth_raft::node::DEFAULT_HEARTBEAT_MS
 }
 fn default_health_bind() -> String {
     "localhost".into()

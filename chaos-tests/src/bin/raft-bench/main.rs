@@ -43,12 +43,13 @@ struct Args {
     /// Leader kill -9 trials (0 skips the failover measurement).
     #[arg(long, default_value_t = 10)]
     failover_trials: usize,
-    /// plinth's election timeout range and heartbeat for the whole run, in ms.
-    #[arg(long, default_value_t = 150)]
+    /// plinth's election timeout range and heartbeat for the whole run, in ms. The defaults
+    /// are plinth-server's (`plinth_raft::node::DEFAULT_*`).
+    #[arg(long, default_value_t = 80)]
     election_min_ms: u64,
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 160)]
     election_max_ms: u64,
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 30)]
     heartbeat_ms: u64,
     /// Skip the etcd baseline.
     #[arg(long)]
