@@ -15,7 +15,6 @@ use plinth_api::server as pb;
 use plinth_api::server::agent_service_client::AgentServiceClient;
 use plinth_api::server::bundle_service_client::BundleServiceClient;
 use plinth_api::server::entry_service_client::EntryServiceClient;
-use plinth_server::config::Config as ServerConfig;
 use plinth_server::run::{start, RunningServer};
 use tonic::transport::Channel;
 
@@ -27,34 +26,8 @@ const SERVER_ID: &str = "spiffe://example.org/tls/server";
 const GOOD_ID: &str = "spiffe://example.org/tls/good-client";
 const BAD_ID: &str = "spiffe://example.org/tls/other-client";
 
-fn server_config(dir: &Path) -> ServerConfig {
-    let text = format!(
-        r#"
-[server]
-trust_domain = "example.org"
-data_dir = "{d}/server-data"
-socket_path = "{d}/admin/api.sock"
-bind_address = "127.0.0.1"
-bind_port = 0
-
-[cluster]
-node_id = 1
-bind_address = "127.0.0.1:0"
-insecure_plaintext = true
-election_timeout_min_ms = 150
-election_timeout_max_ms = 300
-heartbeat_interval_ms = 50
-
-[key_manager]
-type = "disk"
-keys_path = "{d}/server-keys"
-
-[node_attestor.join_token]
-"#,
-        d = dir.display()
-    );
-    ServerConfig::parse(&text, false).unwrap()
-}
+mod server_env;
+use server_env::server_config;
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -81,7 +54,7 @@ async fn setup() -> Setup {
     // Workloads under other UIDs must reach the socket (and the CLI copy) in here.
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let d = dir.path();
-    let server = start(server_config(d)).await.unwrap();
+    let server = start(server_config(d, 0)).await.unwrap();
     let admin = plinth_server::cli::connect(&server.admin_socket)
         .await
         .unwrap();

@@ -16,7 +16,6 @@ use plinth_api::server::agent_service_client::AgentServiceClient;
 use plinth_api::server::bundle_service_client::BundleServiceClient;
 use plinth_api::server::entry_service_client::EntryServiceClient;
 use plinth_api::workload::X509svidRequest;
-use plinth_server::config::Config as ServerConfig;
 use plinth_server::run::{start, RunningServer};
 use plinth_spiffe::x509::{cert_not_after, split_der_concat};
 use time::OffsetDateTime;
@@ -26,12 +25,6 @@ use tonic::Code;
 /// Generous bound for anything that should take well under a second.
 const WAIT: Duration = Duration::from_secs(15);
 
-fn my_uid() -> u32 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-    line.split_whitespace().nth(2).unwrap().parse().unwrap()
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -40,34 +33,8 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn server_config(dir: &Path, port: u16) -> ServerConfig {
-    let text = format!(
-        r#"
-[server]
-trust_domain = "example.org"
-data_dir = "{d}/server-data"
-socket_path = "{d}/admin/api.sock"
-bind_address = "127.0.0.1"
-bind_port = {port}
-
-[cluster]
-node_id = 1
-bind_address = "127.0.0.1:0"
-insecure_plaintext = true
-election_timeout_min_ms = 150
-election_timeout_max_ms = 300
-heartbeat_interval_ms = 50
-
-[key_manager]
-type = "disk"
-keys_path = "{d}/server-keys"
-
-[node_attestor.join_token]
-"#,
-        d = dir.display()
-    );
-    ServerConfig::parse(&text, false).unwrap()
-}
+mod server_env;
+use server_env::{my_uid, server_config};
 
 /// A TCP relay between the agent and the server that the test can cut: the agent sees exactly
 /// what a dead server looks like (connections reset, new ones closed at once).

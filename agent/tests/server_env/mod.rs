@@ -24,7 +24,9 @@ pub fn my_uid() -> u32 {
     line.split_whitespace().nth(2).unwrap().parse().unwrap()
 }
 
-fn server_config(dir: &Path) -> ServerConfig {
+/// A one-node server config under `dir` with its TLS API on `port` (0: any free port), Raft
+/// over plain TCP (one node, in process), disk keys and join tokens.
+pub fn server_config(dir: &Path, port: u16) -> ServerConfig {
     let text = format!(
         r#"
 [server]
@@ -32,7 +34,7 @@ trust_domain = "example.org"
 data_dir = "{d}/server-data"
 socket_path = "{d}/admin/api.sock"
 bind_address = "127.0.0.1"
-bind_port = 0
+bind_port = {port}
 
 [cluster]
 node_id = 1
@@ -79,7 +81,7 @@ impl Env {
         let dir = tempfile::tempdir().unwrap();
         // Workloads under other UIDs must reach the socket (and the CLI copy) in here.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let server = start(server_config(dir.path())).await.unwrap();
+        let server = start(server_config(dir.path(), 0)).await.unwrap();
         let admin = plinth_server::cli::connect(&server.admin_socket)
             .await
             .unwrap();
