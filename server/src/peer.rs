@@ -13,7 +13,7 @@
 //! SVID and the replicated bundle replaces the bootstrap one.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -78,6 +78,8 @@ impl PeerSvid {
             .parent()
             .ok_or_else(|| anyhow!("{} has no parent directory", path.display()))?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("setting permissions of {}", dir.display()))?;
         let mut text = self.svid.chain_pem();
         text.push_str(&self.key.to_pkcs8_pem());
         let tmp = path.with_extension("pem.tmp");
@@ -253,7 +255,6 @@ mod tests {
 
     #[test]
     fn saved_svid_is_restored_private_and_refused_once_expired() {
-        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let c = cfg(dir.path());
         let now = OffsetDateTime::now_utc();
