@@ -26,41 +26,21 @@ use std::time::{Duration, Instant};
 
 use plinth_agent::client::channel;
 use plinth_api::server as pb;
-use plinth_api::server::agent_service_client::AgentServiceClient;
-use plinth_api::server::bundle_service_client::BundleServiceClient;
 use plinth_api::server::entry_service_client::EntryServiceClient;
 use plinth_api::spire::agent::debug::v1::debug_client::DebugClient;
 use plinth_api::spire::agent::debug::v1::GetInfoRequest;
-use plinth_server::config::Config as ServerConfig;
 
 const TARGET_SECS: f64 = 2.0;
 const TARGET_RSS_MB: f64 = 300.0;
 const BATCH: usize = 1000;
 
-fn server_config(dir: &Path) -> ServerConfig {
-    let text = format!(
-        r#"
-[server]
-trust_domain = "example.org"
-data_dir = "{d}/server-data"
-socket_path = "{d}/admin/api.sock"
-bind_address = "127.0.0.1"
-bind_port = 0
+#[path = "../tests/server_env/mod.rs"]
+mod server_env;
+use server_env::bundle_and_token;
 
-[cluster]
-node_id = 1
-bind_address = "127.0.0.1:0"
-insecure_plaintext = true
-
-[key_manager]
-type = "disk"
-keys_path = "{d}/server-keys"
-
-[node_attestor.join_token]
-"#,
-        d = dir.display()
-    );
-    ServerConfig::parse(&text, false).unwrap()
+/// The one-node server of the agent tests.
+fn server_config(dir: &Path) -> plinth_server::config::Config {
+    server_env::server_config(dir, 0)
 }
 
 /// A `/proc/<pid>/status` field in MB (the kernel gives kB).
@@ -115,25 +95,7 @@ async fn main() {
     let admin = plinth_server::cli::connect(&server.admin_socket)
         .await
         .unwrap();
-    let bundle = BundleServiceClient::new(admin.clone())
-        .get_bundle(pb::GetBundleRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    std::fs::write(
-        d.join("bundle.pem"),
-        plinth_spiffe::pem::encode_certs(&bundle.x509_authorities),
-    )
-    .unwrap();
-    let token = AgentServiceClient::new(admin.clone())
-        .create_join_token(pb::CreateJoinTokenRequest {
-            ttl: 3600,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .value;
+    let token = bundle_and_token(&admin, &d.join("bundle.pem"), 3600).await;
     let agent_id = format!("spiffe://example.org/spire/agent/join_token/{token}");
 
     // The entries.

@@ -12,8 +12,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use plinth_api::server as pb;
-use plinth_api::server::agent_service_client::AgentServiceClient;
-use plinth_api::server::bundle_service_client::BundleServiceClient;
 use plinth_api::server::entry_service_client::EntryServiceClient;
 use plinth_server::run::{start, RunningServer};
 use tonic::transport::Channel;
@@ -27,7 +25,7 @@ const GOOD_ID: &str = "spiffe://example.org/tls/good-client";
 const BAD_ID: &str = "spiffe://example.org/tls/other-client";
 
 mod server_env;
-use server_env::server_config;
+use server_env::{bundle_and_token, server_config};
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -58,25 +56,7 @@ async fn setup() -> Setup {
     let admin = plinth_server::cli::connect(&server.admin_socket)
         .await
         .unwrap();
-    let bundle = BundleServiceClient::new(admin.clone())
-        .get_bundle(pb::GetBundleRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    std::fs::write(
-        d.join("bundle.pem"),
-        plinth_spiffe::pem::encode_certs(&bundle.x509_authorities),
-    )
-    .unwrap();
-    let token = AgentServiceClient::new(admin.clone())
-        .create_join_token(pb::CreateJoinTokenRequest {
-            ttl: 600,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .value;
+    let token = bundle_and_token(&admin, &d.join("bundle.pem"), 600).await;
     let config = d.join("agent.toml");
     std::fs::write(
         &config,

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use plinth_agent::client::connect;
 use plinth_api::server as pb;
 use plinth_api::server::agent_service_client::AgentServiceClient;
-use plinth_api::server::bundle_service_client::BundleServiceClient;
 use plinth_api::server::entry_service_client::EntryServiceClient;
 use plinth_api::workload::X509svidRequest;
 use plinth_server::run::{start, RunningServer};
@@ -34,7 +33,7 @@ fn free_port() -> u16 {
 }
 
 mod server_env;
-use server_env::{my_uid, server_config};
+use server_env::{bundle_and_token, my_uid, server_config};
 
 /// A TCP relay between the agent and the server that the test can cut: the agent sees exactly
 /// what a dead server looks like (connections reset, new ones closed at once).
@@ -170,25 +169,7 @@ async fn setup() -> Setup {
     // Workloads under other UIDs must reach the socket (and the CLI copy) in here.
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let (server, admin) = start_server(dir.path(), 0).await;
-    let bundle = BundleServiceClient::new(admin.clone())
-        .get_bundle(pb::GetBundleRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    std::fs::write(
-        dir.path().join("bundle.pem"),
-        plinth_spiffe::pem::encode_certs(&bundle.x509_authorities),
-    )
-    .unwrap();
-    let token = AgentServiceClient::new(admin.clone())
-        .create_join_token(pb::CreateJoinTokenRequest {
-            ttl: 600,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .value;
+    let token = bundle_and_token(&admin, &dir.path().join("bundle.pem"), 600).await;
     let relay = Relay::start(server.tcp_addr).await;
     let config = agent_config(dir.path(), relay.port);
     let agent = spawn_agent(dir.path(), &config, Some(&token));

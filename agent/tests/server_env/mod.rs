@@ -55,6 +55,30 @@ keys_path = "{d}/server-keys"
     ServerConfig::parse(&text, false).unwrap()
 }
 
+/// Writes the server's trust bundle (PEM) to `bundle_path` for the agent's
+/// `trust_bundle_path`, and returns a new join token valid for `ttl` seconds.
+pub async fn bundle_and_token(admin: &Channel, bundle_path: &Path, ttl: i32) -> String {
+    let bundle = BundleServiceClient::new(admin.clone())
+        .get_bundle(pb::GetBundleRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    std::fs::write(
+        bundle_path,
+        plinth_spiffe::pem::encode_certs(&bundle.x509_authorities),
+    )
+    .unwrap();
+    AgentServiceClient::new(admin.clone())
+        .create_join_token(pb::CreateJoinTokenRequest {
+            ttl,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .value
+}
+
 /// A server, its admin channel, and a join token for one agent.
 pub struct Env {
     pub dir: tempfile::TempDir,
@@ -85,25 +109,7 @@ impl Env {
         let admin = plinth_server::cli::connect(&server.admin_socket)
             .await
             .unwrap();
-        let bundle = BundleServiceClient::new(admin.clone())
-            .get_bundle(pb::GetBundleRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        std::fs::write(
-            dir.path().join("bundle.pem"),
-            plinth_spiffe::pem::encode_certs(&bundle.x509_authorities),
-        )
-        .unwrap();
-        let token = AgentServiceClient::new(admin.clone())
-            .create_join_token(pb::CreateJoinTokenRequest {
-                ttl: 600,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .value;
+        let token = bundle_and_token(&admin, &dir.path().join("bundle.pem"), 600).await;
         let socket = dir.path().join("public/api.sock");
         Self {
             agent_id: format!("spiffe://example.org/spire/agent/join_token/{token}"),
