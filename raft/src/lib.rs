@@ -22,5 +22,5 @@ pub use log_store::LogStore;
 pub use network::{ForwardError, MembershipOp, NodeStatus};
 pub use node::{ClusterStatus, MemberStatus, NodeError, RaftConfig, RaftNode};
 pub use state_machine::StateMachine;
-pub use tls::PeerTls;
+pub use tls::{AcceptLimits, PeerTls};
 pub use types::{NodeId, TypeConfig};

@@ -460,7 +460,7 @@ impl RaftNode {
         let builder = tonic::transport::Server::builder().add_service(service);
         let server = match inner.config.tls.as_ref() {
             Some(tls) => {
-                let conns = crate::tls::accept(listener, tls.server.clone());
+                let conns = crate::tls::accept_peers(listener, tls.server.clone());
                 tokio::spawn(builder.serve_with_incoming_shutdown(
                     tokio_stream::wrappers::ReceiverStream::new(conns),
                     shutdown,

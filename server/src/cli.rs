@@ -1042,6 +1042,15 @@ pub async fn client(cmd: Cmd) -> anyhow::Result<()> {
                 println!("  Expires at   : {}", a.expires_at);
                 println!();
             };
+            // One line naming the transition, then the authority it produced.
+            let report = |done: &str,
+                          r: Result<tonic::Response<pb::AuthorityState>, tonic::Status>|
+             -> anyhow::Result<()> {
+                let a = r.map_err(status_err)?.into_inner();
+                println!("{done} {kind} authority:");
+                print(&a);
+                Ok(())
+            };
             match op {
                 AuthorityOp::Show { .. } => {
                     let r = c
@@ -1057,41 +1066,13 @@ pub async fn client(cmd: Cmd) -> anyhow::Result<()> {
                     }
                 }
                 AuthorityOp::Prepare { .. } => {
-                    let a = c
-                        .prepare_authority(req)
-                        .await
-                        .map_err(status_err)?
-                        .into_inner();
-                    println!("Prepared {kind} authority:");
-                    print(&a);
+                    report("Prepared", c.prepare_authority(req).await)?;
                 }
                 AuthorityOp::Activate { .. } => {
-                    let a = c
-                        .activate_authority(req)
-                        .await
-                        .map_err(status_err)?
-                        .into_inner();
-                    println!("Activated {kind} authority:");
-                    print(&a);
+                    report("Activated", c.activate_authority(req).await)?;
                 }
-                AuthorityOp::Taint { .. } => {
-                    let a = c
-                        .taint_authority(req)
-                        .await
-                        .map_err(status_err)?
-                        .into_inner();
-                    println!("Tainted {kind} authority:");
-                    print(&a);
-                }
-                AuthorityOp::Revoke { .. } => {
-                    let a = c
-                        .revoke_authority(req)
-                        .await
-                        .map_err(status_err)?
-                        .into_inner();
-                    println!("Revoked {kind} authority:");
-                    print(&a);
-                }
+                AuthorityOp::Taint { .. } => report("Tainted", c.taint_authority(req).await)?,
+                AuthorityOp::Revoke { .. } => report("Revoked", c.revoke_authority(req).await)?,
             }
             Ok(())
         }

@@ -16,7 +16,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
 use tonic::transport::server::Connected;
 
 use crate::api::{PeerSvid, ServerCore};
@@ -241,7 +240,7 @@ pub async fn maintain<S: Replicated>(
 }
 
 /// Accepts TCP connections, runs TLS handshakes (bounded, with a timeout) and yields the
-/// established connections for tonic.
+/// established connections, with the peer's SVID, for tonic, until `stop` changes.
 pub fn incoming(
     listener: TcpListener,
     identity: Arc<TlsIdentity>,
@@ -254,44 +253,19 @@ pub fn incoming(
         Authorizer::member_of(trust_domain),
         ClientAuth::Optional,
     )?;
-    let acceptor = TlsAcceptor::from(Arc::new(config));
-    let (tx, rx) = mpsc::channel(64);
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                _ = stop.changed() => return,
-            };
-            let (sock, addr) = match accepted {
-                // Small gRPC frames must not wait for delayed ACKs (Nagle): ~40 ms per round trip.
-                Ok(x) => {
-                    let _ = x.0.set_nodelay(true);
-                    x
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                return;
-            };
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
-                    Ok(Ok(stream)) => {
-                        let peer = peer_of(&stream);
-                        let _ = tx.send(Ok(TlsConn { stream, peer })).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    Ok(rx)
+    Ok(plinth_raft::tls::accept(
+        listener,
+        Arc::new(config),
+        plinth_raft::AcceptLimits {
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            max_pending: MAX_PENDING_HANDSHAKES,
+        },
+        |stream| {
+            let peer = peer_of(&stream);
+            TlsConn { stream, peer }
+        },
+        async move {
+            let _ = stop.changed().await;
+        },
+    ))
 }
