@@ -136,29 +136,14 @@ async fn main() {
     // The agent.
     let admin_socket = d.join("private/admin.sock");
     let config = d.join("agent.toml");
+    let extra = format!(
+        "admin_socket_path = \"{admin}\"\nlog_level = \"{level}\"\n{prefetch}",
+        admin = admin_socket.display(),
+        level = if breakdown { "DEBUG" } else { "INFO" },
+    );
     std::fs::write(
         &config,
-        format!(
-            r#"
-[agent]
-trust_domain = "example.org"
-server_addresses = ["{addr}"]
-data_dir = "{d}/agent-data"
-socket_path = "{d}/public/api.sock"
-admin_socket_path = "{admin}"
-trust_bundle_path = "{d}/bundle.pem"
-log_level = "{level}"
-{prefetch}
-
-[node_attestor.join_token]
-
-[workload_attestor.unix]
-"#,
-            addr = server.tcp_addr,
-            d = d.display(),
-            admin = admin_socket.display(),
-            level = if breakdown { "DEBUG" } else { "INFO" },
-        ),
+        server_env::agent_config(d, server.tcp_addr, &extra),
     )
     .unwrap();
     let log_path = d.join("agent.log");

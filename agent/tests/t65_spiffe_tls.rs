@@ -25,7 +25,7 @@ const GOOD_ID: &str = "spiffe://example.org/tls/good-client";
 const BAD_ID: &str = "spiffe://example.org/tls/other-client";
 
 mod server_env;
-use server_env::{bundle_and_token, server_config};
+use server_env::{agent_config, bundle_and_token, server_config};
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -58,26 +58,7 @@ async fn setup() -> Setup {
         .unwrap();
     let token = bundle_and_token(&admin, &d.join("bundle.pem"), 600).await;
     let config = d.join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[agent]
-trust_domain = "example.org"
-server_addresses = ["{addr}"]
-data_dir = "{d}/agent-data"
-socket_path = "{d}/public/api.sock"
-trust_bundle_path = "{d}/bundle.pem"
-
-[node_attestor.join_token]
-
-[workload_attestor.unix]
-"#,
-            addr = server.tcp_addr,
-            d = d.display()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&config, agent_config(d, server.tcp_addr, "")).unwrap();
     let log = std::fs::File::create(d.join("agent.log")).unwrap();
     let agent = Command::new(env!("CARGO_BIN_EXE_plinth-agent"))
         .arg("run")

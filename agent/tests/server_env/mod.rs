@@ -79,6 +79,29 @@ pub async fn bundle_and_token(admin: &Channel, bundle_path: &Path, ttl: i32) -> 
         .value
 }
 
+/// An agent config for a server at `addr`, everything under `d` (data in `agent-data/`, the
+/// Workload API socket `public/api.sock`, the trust bundle `bundle.pem`), join-token node
+/// attestation and unix workload attestation; `agent_extra` is appended to the `[agent]`
+/// section.
+pub fn agent_config(d: &Path, addr: std::net::SocketAddr, agent_extra: &str) -> String {
+    format!(
+        r#"
+[agent]
+trust_domain = "example.org"
+server_addresses = ["{addr}"]
+data_dir = "{d}/agent-data"
+socket_path = "{d}/public/api.sock"
+trust_bundle_path = "{d}/bundle.pem"
+{agent_extra}
+
+[node_attestor.join_token]
+
+[workload_attestor.unix]
+"#,
+        d = d.display()
+    )
+}
+
 /// A server, its admin channel, and a join token for one agent.
 pub struct Env {
     pub dir: tempfile::TempDir,
@@ -131,28 +154,12 @@ impl Env {
     pub fn spawn_agent(&mut self, extra: &str) {
         let d = self.dir.path();
         let config = d.join("agent.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-[agent]
-trust_domain = "example.org"
-server_addresses = ["{addr}"]
-data_dir = "{d}/agent-data"
-socket_path = "{d}/public/api.sock"
-trust_bundle_path = "{d}/bundle.pem"
-log_level = "DEBUG"
-{extra}
-
-[node_attestor.join_token]
-
-[workload_attestor.unix]
-"#,
-                addr = self.server.tcp_addr,
-                d = d.display()
-            ),
-        )
-        .unwrap();
+        let text = agent_config(
+            d,
+            self.server.tcp_addr,
+            &format!("log_level = \"DEBUG\"\n{extra}"),
+        );
+        std::fs::write(&config, text).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
