@@ -14,6 +14,7 @@
 pub mod log_store;
 pub mod network;
 pub mod node;
+mod proposer;
 pub mod state_machine;
 pub mod tls;
 pub mod types;

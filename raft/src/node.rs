@@ -5,11 +5,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
+use openraft::error::{CheckIsLeaderError, InitializeError, RaftError};
 use openraft::{BasicNode, ChangeMembers, SnapshotPolicy};
-use plinth_storage::{ChangeEvent, Command, Proposal, Response, Store};
+use plinth_storage::{ChangeEvent, Command, Response, Store};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpSocket;
 use tokio::sync::{broadcast, oneshot};
@@ -24,6 +24,7 @@ use crate::network::{
     connect, pack, unpack, ForwardError, MembershipOp, Network, NodeStatus, RaftGrpc,
     MAX_MESSAGE_BYTES,
 };
+use crate::proposer::{client_write_error, Proposer};
 use crate::state_machine::{StateMachine, CHANGE_CHANNEL_CAPACITY};
 use crate::types::{NodeId, Raft};
 
@@ -220,6 +221,7 @@ pub(crate) struct Inner {
     config: RaftConfig,
     changes: broadcast::Sender<ChangeEvent>,
     flusher: Arc<crate::log_store::Flusher>,
+    proposer: Proposer,
 }
 
 impl std::fmt::Debug for Inner {
@@ -231,40 +233,14 @@ impl std::fmt::Debug for Inner {
     }
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
-fn client_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ForwardError {
-    match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ForwardError::NotLeader {
-            leader: f.leader_id,
-        },
-        RaftError::APIError(ClientWriteError::ChangeMembershipError(m)) => {
-            ForwardError::Membership(m.to_string())
-        }
-        RaftError::Fatal(f) => ForwardError::Failed(f.to_string()),
-    }
-}
-
 impl Inner {
-    /// Runs `command` if this node is the leader, stamping the leader's clock on it.
+    /// Runs `command` if this node is the leader, stamping the leader's clock on it. Commands
+    /// that arrive together share a log entry (see [`crate::proposer`]).
     pub(crate) async fn write_local(&self, command: Command) -> Result<Response, ForwardError> {
-        let proposal = Proposal {
-            now: unix_now(),
-            command,
-        };
-        match tokio::time::timeout(
-            self.config.request_timeout,
-            self.raft.client_write(proposal),
-        )
-        .await
+        match tokio::time::timeout(self.config.request_timeout, self.proposer.write(command)).await
         {
             Err(_) => Err(ForwardError::Timeout),
-            Ok(Ok(r)) => Ok(r.data),
-            Ok(Err(e)) => Err(client_write_error(e)),
+            Ok(r) => r,
         }
     }
 
@@ -440,6 +416,7 @@ impl RaftNode {
         let listener = socket.listen(1024).map_err(listen_err)?;
         let addr = listener.local_addr().map_err(listen_err)?;
 
+        let proposer = Proposer::new(raft.clone());
         let inner = Arc::new(Inner {
             id: config.node_id,
             raft,
@@ -447,6 +424,7 @@ impl RaftNode {
             config,
             changes,
             flusher,
+            proposer,
         });
         let service = RaftServiceServer::new(RaftGrpc {
             inner: inner.clone(),

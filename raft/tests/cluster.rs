@@ -410,3 +410,79 @@ async fn t05_plain_tcp_needs_the_explicit_flag() {
         Err(NodeError::Config(m)) if m.contains("mTLS")
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t70_concurrent_writes_share_log_entries_but_each_gets_its_own_answer() {
+    use plinth_storage::CommandError;
+    let c = Cluster::start(3).await;
+    c.wait_leader().await;
+    let first_index = c
+        .node(1)
+        .raft()
+        .metrics()
+        .borrow()
+        .last_log_index
+        .unwrap_or(0);
+    // 200 distinct entries, and a second create of entries 0..99 through another node: of each
+    // such pair exactly one wins, whichever way the log orders them.
+    let mut writes = Vec::new();
+    for n in 0..200u32 {
+        writes.push((n, (n % 3 + 1) as u64));
+    }
+    for n in 0..100u32 {
+        writes.push((n, ((n + 1) % 3 + 1) as u64));
+    }
+    let results =
+        futures::future::join_all(writes.iter().map(|(n, via)| c.node(*via).write(create(*n))))
+            .await;
+    let mut winners = std::collections::BTreeMap::new();
+    let mut revisions = Vec::new();
+    for ((n, _), r) in writes.iter().zip(results) {
+        let r = r.unwrap();
+        match r.result {
+            Ok(Outcome::Entry { entry }) => {
+                assert_eq!(entry.id, format!("entry-{n}"));
+                assert_eq!(entry.revision, r.revision, "its own revision");
+                assert!(
+                    winners.insert(*n, entry).is_none(),
+                    "entry-{n} created twice"
+                );
+                revisions.push(r.revision);
+            }
+            Err(CommandError::EntryIdExists { id }) => {
+                assert_eq!(id, format!("entry-{n}"));
+                assert!(*n < 100, "only the duplicated entries can be refused");
+            }
+            other => panic!("entry-{n}: {other:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 200);
+    revisions.sort_unstable();
+    assert_eq!(
+        revisions,
+        (1..=200).collect::<Vec<u64>>(),
+        "one revision per change"
+    );
+    // Batching happened: 300 writes took fewer log entries.
+    let leader = c.wait_leader().await;
+    let used = c
+        .node(leader)
+        .raft()
+        .metrics()
+        .borrow()
+        .last_log_index
+        .unwrap_or(0)
+        - first_index;
+    assert!(used < 300, "{used} log entries for 300 writes");
+    for id in 1..=3 {
+        let stored = c.entries(id).await;
+        assert_eq!(stored.len(), 200, "node {id}");
+        for e in stored {
+            let n: u32 = e.id.trim_start_matches("entry-").parse().unwrap();
+            assert_eq!(winners[&n], e, "node {id}");
+        }
+    }
+    for node in c.nodes.into_iter().flatten() {
+        node.shutdown().await.unwrap();
+    }
+}

@@ -14,7 +14,8 @@ use crate::model::{
 };
 use crate::store::{
     index_key, Store, CF_AGENTS, CF_BUNDLES, CF_CA_JOURNAL, CF_ENTRIES, CF_ENTRIES_BY_PARENT,
-    CF_ENTRIES_BY_SELECTOR, CF_ENTRIES_BY_SPIFFE_ID, CF_FEDERATION, CF_JOIN_TOKENS,
+    CF_ENTRIES_BY_SELECTOR, CF_ENTRIES_BY_SPIFFE_ID, CF_FEDERATION, CF_JOIN_TOKENS, CF_SM_META,
+    SM_BATCH_PROGRESS,
 };
 use crate::StorageError;
 
@@ -52,38 +53,118 @@ struct Txn<'a> {
     now: i64,
 }
 
+/// Where a partly applied [`Command::Batch`] stopped: the batch at `log_index` has its first
+/// `done` commands applied. Stored in the state-machine metadata (so snapshots carry it) and
+/// removed in the write that applies the batch's last command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct BatchProgress {
+    log_index: u64,
+    done: usize,
+}
+
 impl Store {
     /// Applies the log entry at `log_index`. `proposal` is `None` for Raft-internal entries (blank,
     /// membership). `applied_state` is the caller's encoding of its applied log ID and membership;
-    /// it is written in the same batch. The write is not synced: call [`Store::sync`] after a
-    /// batch of entries.
+    /// it is written in the same batch as the entry's last change, so an entry is never applied
+    /// twice. The write is not synced: call [`Store::sync`] after a batch of entries.
+    ///
+    /// A [`Command::Batch`] is applied one command at a time, each in its own RocksDB write that
+    /// also records how far the batch got; applying the entry again after a crash skips the
+    /// commands already applied.
     pub fn apply(
         &self,
         log_index: u64,
         proposal: Option<&Proposal>,
         applied_state: &[u8],
     ) -> Result<Applied, StorageError> {
-        let current = self.revision()?;
         let Some(proposal) = proposal else {
             let mut batch = WriteBatch::default();
             self.set_applied(&mut batch, applied_state)?;
             self.write_batch(batch)?;
             return Ok(Applied {
                 response: Response {
-                    revision: current,
+                    revision: self.revision()?,
                     result: Ok(Outcome::None),
                 },
                 changes: Vec::new(),
             });
         };
+        let Command::Batch { commands } = &proposal.command else {
+            return self.apply_command(log_index, proposal.now, &proposal.command, |batch| {
+                self.set_applied(batch, applied_state)
+            });
+        };
+        let done = match self.get_typed::<BatchProgress>(CF_SM_META, SM_BATCH_PROGRESS)? {
+            Some(p) if p.log_index == log_index => p.done,
+            _ => 0,
+        };
+        let mut responses = Vec::with_capacity(commands.len());
+        let mut changes = Vec::new();
+        for (i, command) in commands.iter().enumerate() {
+            #[cfg(test)]
+            if tests::crash_here(i) {
+                return Err(StorageError::Corrupt {
+                    table: "test",
+                    reason: "simulated crash".into(),
+                });
+            }
+            if i < done {
+                responses.push(Response {
+                    revision: self.revision()?,
+                    result: Ok(Outcome::None),
+                });
+                continue;
+            }
+            let last = i + 1 == commands.len();
+            let applied = self.apply_command(log_index, proposal.now, command, |batch| {
+                if last {
+                    self.delete(batch, CF_SM_META, SM_BATCH_PROGRESS)?;
+                    self.set_applied(batch, applied_state)
+                } else {
+                    let progress = BatchProgress {
+                        log_index,
+                        done: i + 1,
+                    };
+                    self.put_typed(batch, CF_SM_META, SM_BATCH_PROGRESS, &progress)
+                }
+            })?;
+            responses.push(applied.response);
+            changes.extend(applied.changes);
+        }
+        if commands.len() <= done {
+            // Empty (or, after corruption, fully applied without its last write).
+            let mut batch = WriteBatch::default();
+            self.delete(&mut batch, CF_SM_META, SM_BATCH_PROGRESS)?;
+            self.set_applied(&mut batch, applied_state)?;
+            self.write_batch(batch)?;
+        }
+        Ok(Applied {
+            response: Response {
+                revision: self.revision()?,
+                result: Ok(Outcome::Batch { responses }),
+            },
+            changes,
+        })
+    }
+
+    /// Applies one command in one RocksDB write; `finish` adds the bookkeeping of where apply
+    /// stands to that write (also when the command is refused).
+    fn apply_command(
+        &self,
+        log_index: u64,
+        now: i64,
+        command: &Command,
+        finish: impl FnOnce(&mut WriteBatch) -> Result<(), StorageError>,
+    ) -> Result<Applied, StorageError> {
+        let current = self.revision()?;
         let mut txn = Txn {
             store: self,
             batch: WriteBatch::default(),
             changes: Vec::new(),
             revision: current + 1,
-            now: proposal.now,
+            now,
         };
-        let result = match txn.execute(&proposal.command) {
+        let result = match txn.execute(command) {
             Ok(outcome) => Ok(outcome),
             Err(Fail::Refused(e)) => Err(e),
             Err(Fail::Storage(e)) => return Err(e),
@@ -99,7 +180,7 @@ impl Store {
             self.set_revision(&mut batch, txn.revision)?;
             txn.revision
         };
-        self.set_applied(&mut batch, applied_state)?;
+        finish(&mut batch)?;
         self.write_batch(batch)?;
         Ok(Applied {
             response: Response { revision, result },
@@ -127,6 +208,8 @@ impl Txn<'_> {
         match command {
             Command::EntryCreate { entry } => self.entry_create(entry),
             Command::EntryCreateBatch { entries } => self.entry_create_batch(entries),
+            // Store::apply unpacks the outer batch; one inside it is a proposer's bug.
+            Command::Batch { .. } => Err(CommandError::NestedBatch.into()),
             Command::EntryUpdate {
                 entry,
                 expected_revision,
@@ -750,4 +833,289 @@ fn validate(bundle: &StoredBundle) -> Result<(), CommandError> {
         .map_err(|e| CommandError::InvalidBundle {
             reason: e.to_string(),
         })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::cell::Cell;
+
+    use plinth_spiffe::{Selectors, SpiffeId};
+
+    use super::*;
+    use crate::model::JoinToken;
+
+    thread_local! {
+        /// Simulates a crash just before a batch applies its command number N.
+        static CRASH_BEFORE: Cell<Option<usize>> = const { Cell::new(None) };
+    }
+
+    pub(super) fn crash_here(i: usize) -> bool {
+        CRASH_BEFORE.with(|c| c.get() == Some(i))
+    }
+
+    fn entry(id: &str, spiffe: &str, selector: &str) -> RegistrationEntry {
+        RegistrationEntry {
+            id: id.into(),
+            spiffe_id: SpiffeId::new(spiffe).unwrap(),
+            parent_id: SpiffeId::new("spiffe://example.org/agent").unwrap(),
+            selectors: Selectors::parse_all(&[selector]).unwrap(),
+            x509_svid_ttl: 3600,
+            jwt_svid_ttl: 300,
+            federates_with: vec![],
+            admin: false,
+            downstream: false,
+            expires_at: None,
+            dns_names: vec![],
+            hint: String::new(),
+            revision: 0,
+            created_at: 0,
+        }
+    }
+
+    /// Commands that depend on each other: each one's outcome depends on the ones before it.
+    fn commands() -> Vec<Command> {
+        let token = JoinToken {
+            token: "tok".into(),
+            spiffe_id: None,
+            expires_at: 5_000,
+        };
+        vec![
+            Command::EntryCreate {
+                entry: entry("e1", "spiffe://example.org/web", "unix:uid:1"),
+            },
+            // Same ID as the one just created.
+            Command::EntryCreate {
+                entry: entry("e1", "spiffe://example.org/db", "unix:uid:2"),
+            },
+            // Compare-and-set against the revision the first command produced.
+            Command::EntryUpdate {
+                entry: entry("e1", "spiffe://example.org/web2", "unix:uid:1"),
+                expected_revision: Some(1),
+            },
+            Command::JoinTokenCreate {
+                token: token.clone(),
+            },
+            Command::JoinTokenConsume {
+                token: "tok".into(),
+            },
+            // Consumed by the command before.
+            Command::JoinTokenConsume {
+                token: "tok".into(),
+            },
+            // The same mapping as e1 now has.
+            Command::EntryCreate {
+                entry: entry("e2", "spiffe://example.org/web2", "unix:uid:1"),
+            },
+            Command::EntryDelete { id: "e1".into() },
+            // Allowed once e1 is gone.
+            Command::EntryCreate {
+                entry: entry("e2", "spiffe://example.org/web2", "unix:uid:1"),
+            },
+        ]
+    }
+
+    fn open() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("db")).unwrap();
+        (dir, store)
+    }
+
+    fn proposal(command: Command) -> Proposal {
+        Proposal {
+            now: 1_000,
+            command,
+        }
+    }
+
+    /// Everything but the applied log ID, which differs by construction.
+    fn state(store: &Store) -> (u64, Vec<RegistrationEntry>, Vec<JoinToken>) {
+        (
+            store.revision().unwrap(),
+            store.list_entries().unwrap(),
+            store.list_join_tokens().unwrap(),
+        )
+    }
+
+    fn batch_responses(applied: &Applied) -> Vec<Response> {
+        match &applied.response.result {
+            Ok(Outcome::Batch { responses }) => responses.clone(),
+            other => panic!("not a batch outcome: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_batch_applies_like_one_log_entry_per_command() {
+        let (_a, one_by_one) = open();
+        let mut expected = Vec::new();
+        let mut events = Vec::new();
+        for (i, c) in commands().into_iter().enumerate() {
+            let applied = one_by_one
+                .apply(i as u64 + 1, Some(&proposal(c)), b"x")
+                .unwrap();
+            expected.push(applied.response);
+            events.extend(applied.changes.into_iter().map(|e| (e.revision, e.change)));
+        }
+        // Each behaves as the comments in `commands` say.
+        let errors: Vec<Option<CommandError>> =
+            expected.iter().map(|r| r.result.clone().err()).collect();
+        assert_eq!(
+            errors,
+            vec![
+                None,
+                Some(CommandError::EntryIdExists { id: "e1".into() }),
+                None,
+                None,
+                None,
+                Some(CommandError::JoinTokenNotFound),
+                Some(CommandError::EntryConflict {
+                    existing_id: "e1".into()
+                }),
+                None,
+                None,
+            ]
+        );
+
+        let (_b, batched) = open();
+        let applied = batched
+            .apply(
+                7,
+                Some(&proposal(Command::Batch {
+                    commands: commands(),
+                })),
+                b"y",
+            )
+            .unwrap();
+        assert_eq!(batch_responses(&applied), expected);
+        assert_eq!(applied.response.revision, one_by_one.revision().unwrap());
+        let batched_events: Vec<_> = applied
+            .changes
+            .into_iter()
+            .map(|e| {
+                assert_eq!(e.log_index, 7);
+                (e.revision, e.change)
+            })
+            .collect();
+        assert_eq!(batched_events, events);
+        assert_eq!(state(&batched), state(&one_by_one));
+        assert_eq!(batched.applied_state().unwrap(), Some(b"y".to_vec()));
+    }
+
+    #[test]
+    fn a_batch_cut_by_a_crash_is_finished_without_applying_anything_twice() {
+        let (_a, reference) = open();
+        let whole = Command::Batch {
+            commands: commands(),
+        };
+        let expected = batch_responses(
+            &reference
+                .apply(1, Some(&proposal(whole.clone())), b"1")
+                .unwrap(),
+        );
+
+        for cut in 1..commands().len() {
+            let (dir, store) = open();
+            CRASH_BEFORE.with(|c| c.set(Some(cut)));
+            let crashed = store.apply(1, Some(&proposal(whole.clone())), b"1");
+            CRASH_BEFORE.with(|c| c.set(None));
+            assert!(crashed.is_err(), "cut {cut}");
+            // The entry is not marked applied, so Raft hands it over again after the restart.
+            assert_eq!(store.applied_state().unwrap(), None, "cut {cut}");
+
+            // A follower that installs a snapshot taken at this moment ends in the same state.
+            let (snapshot, _) = store.export_state().unwrap();
+            drop(store);
+            let store = Store::open(dir.path().join("db")).unwrap();
+            let (_c, installed) = open();
+            installed.import_state(&snapshot).unwrap();
+
+            for replay in [&store, &installed] {
+                let applied = replay
+                    .apply(1, Some(&proposal(whole.clone())), b"1")
+                    .unwrap();
+                let responses = batch_responses(&applied);
+                // The commands before the cut answer as replays; the rest answer as they would
+                // have without the crash.
+                assert!(responses[..cut]
+                    .iter()
+                    .all(|r| r.result == Ok(Outcome::None)));
+                assert_eq!(responses[cut..], expected[cut..], "cut {cut}");
+                assert_eq!(state(replay), state(&reference), "cut {cut}");
+                assert_eq!(replay.applied_state().unwrap(), Some(b"1".to_vec()));
+                // The progress record is gone, so a later batch starts from its first command.
+                assert_eq!(
+                    replay
+                        .get_typed::<BatchProgress>(CF_SM_META, SM_BATCH_PROGRESS)
+                        .unwrap(),
+                    None
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn progress_of_another_log_entry_is_ignored() {
+        let (_a, store) = open();
+        let mut batch = WriteBatch::default();
+        let stale = BatchProgress {
+            log_index: 3,
+            done: 5,
+        };
+        store
+            .put_typed(&mut batch, CF_SM_META, SM_BATCH_PROGRESS, &stale)
+            .unwrap();
+        store.write_batch(batch).unwrap();
+        let applied = store
+            .apply(
+                4,
+                Some(&proposal(Command::Batch {
+                    commands: commands(),
+                })),
+                b"4",
+            )
+            .unwrap();
+        assert!(batch_responses(&applied)[0].result.is_ok());
+        let ids: Vec<String> = store
+            .list_entries()
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(ids, vec!["e2"]);
+    }
+
+    #[test]
+    fn a_batch_inside_a_batch_is_refused_and_changes_nothing() {
+        let (_a, store) = open();
+        let applied = store
+            .apply(
+                1,
+                Some(&proposal(Command::Batch {
+                    commands: vec![
+                        Command::Batch {
+                            commands: vec![Command::EntryCreate {
+                                entry: entry("e1", "spiffe://example.org/web", "unix:uid:1"),
+                            }],
+                        },
+                        Command::EntryDelete { id: "e1".into() },
+                    ],
+                })),
+                b"1",
+            )
+            .unwrap();
+        let errors: Vec<_> = batch_responses(&applied)
+            .into_iter()
+            .map(|r| r.result.err())
+            .collect();
+        assert_eq!(
+            errors,
+            vec![
+                Some(CommandError::NestedBatch),
+                Some(CommandError::EntryNotFound { id: "e1".into() })
+            ]
+        );
+        assert_eq!(store.revision().unwrap(), 0);
+        assert!(store.list_entries().unwrap().is_empty());
+        assert_eq!(store.applied_state().unwrap(), Some(b"1".to_vec()));
+    }
 }

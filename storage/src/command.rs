@@ -137,6 +137,15 @@ pub enum Command {
         trust_domain: TrustDomain,
         authority_id: String,
     },
+
+    /// Several commands in one log entry: the leader groups the writes that reach it while
+    /// earlier ones are still being committed. Each command is applied on its own and in order,
+    /// exactly as if it had a log entry of its own: it sees the changes of the ones before it,
+    /// gets its own revision and its own [`Response`], in [`Outcome::Batch`]. A batch inside a
+    /// batch is refused ([`CommandError::NestedBatch`]).
+    Batch {
+        commands: Vec<Command>,
+    },
 }
 
 impl Command {
@@ -165,6 +174,7 @@ impl Command {
             Command::CaActivate { .. } => "ca_activate",
             Command::CaTaint { .. } => "ca_taint",
             Command::CaRevoke { .. } => "ca_revoke",
+            Command::Batch { .. } => "batch",
         }
     }
 }
@@ -229,6 +239,8 @@ pub enum CommandError {
         expected: String,
         actual: String,
     },
+    #[error("a command batch cannot contain another batch")]
+    NestedBatch,
 }
 
 /// What a successful command produced.
@@ -277,6 +289,12 @@ pub enum Outcome {
     },
     Authority {
         authority: CaAuthority,
+    },
+    /// One response per command of a [`Command::Batch`], in order. A command that a crash had
+    /// already applied before the entry was applied again answers `Ok(Outcome::None)` (nobody
+    /// waits for the answers of a replay).
+    Batch {
+        responses: Vec<Response>,
     },
 }
 

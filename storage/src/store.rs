@@ -55,6 +55,8 @@ pub const STATE_CFS: [&str; 10] = [
 
 const SM_REVISION: &[u8] = b"revision";
 const SM_APPLIED: &[u8] = b"applied";
+/// How far a partly applied command batch got (see `Store::apply`).
+pub(crate) const SM_BATCH_PROGRESS: &[u8] = b"batch_progress";
 const SNAPSHOT_CURRENT: &[u8] = b"current";
 const SNAPSHOT_MAGIC: &[u8; 4] = b"PLSN";
 const SNAPSHOT_VERSION: u8 = 1;

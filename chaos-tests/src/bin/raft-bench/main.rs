@@ -78,6 +78,8 @@ impl Client {
 /// What one cell of the table measured.
 #[derive(Debug, Default)]
 struct Stats {
+    /// Writes sent in the whole cell, warm-up included.
+    sent: u64,
     ops: usize,
     errors: usize,
     seconds: f64,
@@ -136,6 +138,7 @@ async fn run_load(clients: Vec<Client>, seconds: u64) -> Stats {
                     }
                 }
                 let mut s = stats.lock().await;
+                s.sent += seq;
                 s.ops += lat.len();
                 s.errors += errors;
                 s.latencies.extend(lat);
@@ -191,6 +194,7 @@ async fn main() -> anyhow::Result<()> {
         "| clients | system | writes/s | p50 ms | p99 ms | errors |\n|---:|---|---:|---:|---:|---:|"
     );
     let mut results = Vec::new();
+    let mut batching = Vec::new();
     for (round, &n) in args.concurrency.iter().enumerate() {
         let leader = pc.leader().await?;
         let mut clients = Vec::new();
@@ -198,8 +202,11 @@ async fn main() -> anyhow::Result<()> {
             let w = plinth::Writer::connect(&pc.socket(leader), round, c, args.value_size).await?;
             clients.push(Client::Plinth(w));
         }
+        let before = pc.applied_index(leader).await?;
         let s = run_load(clients, args.seconds).await;
+        let entries = pc.applied_index(leader).await?.saturating_sub(before);
         print_row(n, "plinth", &s);
+        batching.push((n, s.sent, entries));
         results.push(("plinth", n, s));
         if let Some(ec) = &ec {
             let endpoint = ec.leader_endpoint().await?;
@@ -212,6 +219,13 @@ async fn main() -> anyhow::Result<()> {
             print_row(n, "etcd", &s);
             results.push(("etcd", n, s));
         }
+    }
+    println!();
+    for (n, sent, entries) in batching {
+        println!(
+            "plinth, {n} client(s): {sent} writes in {entries} log entries ({:.1} writes per entry)",
+            sent as f64 / entries.max(1) as f64
+        );
     }
     if ec.is_some() {
         println!();

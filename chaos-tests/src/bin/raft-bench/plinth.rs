@@ -173,6 +173,11 @@ keys_path = "{d}/keys"
         self.nodes[(id - 1) as usize].socket()
     }
 
+    /// The applied Raft log index of server `id`.
+    pub async fn applied_index(&self, id: u64) -> anyhow::Result<u64> {
+        Ok(status(&self.socket(id)).await?.applied_index)
+    }
+
     /// Waits until all three servers name the same leader and have applied the same index.
     pub async fn leader(&self) -> anyhow::Result<u64> {
         let socks: Vec<PathBuf> = self.nodes.iter().map(Node::socket).collect();
