@@ -1,14 +1,17 @@
 //! The replicated state machine on RocksDB ([`openraft::storage::RaftStateMachine`]).
 //!
 //! Applying a log entry is one atomic RocksDB batch (the command's changes, the global revision
-//! and the applied log ID with membership), written to the write-ahead log without an fsync of
-//! its own: the entries it applies are already durable in the Raft log on a quorum, so a crash
-//! can only lose a suffix of applied batches (the WAL keeps write order, and each batch carries
-//! its applied log ID), and the restarted node applies those entries again, deterministically,
-//! to the same revisions. The next log sync makes applied batches durable too, and so does the
-//! synced write that saves a snapshot, so nothing is purged from the log before the state it
-//! produced is on disk. Reads never see the gap: linearizable reads wait for the applied index.
-//! Snapshots are read from one RocksDB snapshot, so they are consistent while apply goes on.
+//! and the applied log ID with membership; a command batch is applied one command per RocksDB
+//! batch, see `plinth_storage::Store::apply`), written to the write-ahead log without an fsync
+//! of its own: the entries it applies are already durable in the Raft log on a quorum, so a
+//! crash can only lose a suffix of applied batches (the WAL keeps write order, and each batch
+//! carries its applied log ID), and the restarted node applies those entries again,
+//! deterministically, to the same revisions. The next log sync makes applied batches durable
+//! too, and so does the write-ahead-log sync that follows saving a snapshot, so nothing is
+//! purged from the log before the state it produced is on disk. Reads never see the gap:
+//! linearizable reads wait for the applied index. Snapshots are read from one RocksDB snapshot,
+//! so they are consistent while apply goes on; they are built and saved on the blocking pool,
+//! as a file beside the database (`Store::snapshot_put`).
 
 use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, Mutex};
 
 use crate::types::{
-    Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+    Entry, LogId, NodeId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
 
 const T_SM: &str = "sm_meta";
@@ -39,8 +42,15 @@ struct AppliedState {
     membership: StoredMembership,
 }
 
-#[derive(Serialize, Deserialize)]
+/// A snapshot as saved: its metadata (encoded apart) and the state export.
 struct StoredSnapshot {
+    meta: SnapshotMeta,
+    data: Vec<u8>,
+}
+
+/// How builds before snapshot files saved a snapshot inside the database.
+#[derive(Deserialize)]
+struct LegacySnapshot {
     meta: SnapshotMeta,
     #[serde(with = "b64")]
     data: Vec<u8>,
@@ -108,44 +118,81 @@ pub struct SnapshotBuilder {
 }
 
 fn current_snapshot(store: &Store) -> Result<Option<StoredSnapshot>, StorageError> {
+    if let Some((meta, data)) = store.snapshot_get().map_err(sm_read)? {
+        let meta = decode(T_SNAP, &meta).map_err(sm_read)?;
+        return Ok(Some(StoredSnapshot { meta, data }));
+    }
     store
-        .snapshot_get()
+        .legacy_snapshot_get()
         .map_err(sm_read)?
-        .map(|bytes| decode::<StoredSnapshot>(T_SNAP, &bytes).map_err(sm_read))
+        .map(|bytes| {
+            decode::<LegacySnapshot>(T_SNAP, &bytes)
+                .map(|l| StoredSnapshot {
+                    meta: l.meta,
+                    data: l.data,
+                })
+                .map_err(sm_read)
+        })
         .transpose()
 }
 
 fn save_snapshot(store: &Store, snap: &StoredSnapshot) -> Result<(), StorageError> {
-    let bytes = encode(T_SNAP, snap).map_err(snap_err)?;
-    store.snapshot_put(bytes).map_err(snap_err)
+    let meta = encode(T_SNAP, &snap.meta).map_err(snap_err)?;
+    store.snapshot_put(&meta, &snap.data).map_err(snap_err)
+}
+
+/// Runs `f` on Tokio's blocking pool. Snapshots read, encode and write the whole state (tens
+/// or hundreds of MB): done on a runtime worker, that blocked the worker for long enough that
+/// Raft heartbeats and AppendEntries answers missed their deadline and followers started
+/// elections under load (found with `raft-bench --rounds`).
+async fn blocking<T, F>(f: F) -> Result<T, StorageError>
+where
+    F: FnOnce() -> Result<T, StorageError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        StorageError::from(StorageIOError::<NodeId>::read_state_machine(
+            AnyError::error(format!("snapshot task failed: {e}")),
+        ))
+    })?
+}
+
+fn build_stored_snapshot(store: &Store, n: u64) -> Result<StoredSnapshot, StorageError> {
+    let (data, applied) = store.export_state().map_err(sm_read)?;
+    let applied: AppliedState = match applied {
+        Some(bytes) => decode(T_SM, &bytes).map_err(sm_read)?,
+        None => AppliedState::default(),
+    };
+    let snapshot_id = match applied.last_applied {
+        Some(id) => format!("{}-{}-{}-{n}", id.leader_id, id.index, std::process::id()),
+        None => format!("none-{}-{n}", std::process::id()),
+    };
+    let meta = SnapshotMeta {
+        last_log_id: applied.last_applied,
+        last_membership: applied.membership,
+        snapshot_id,
+    };
+    Ok(StoredSnapshot { meta, data })
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
-        let (data, applied) = self.store.export_state().map_err(sm_read)?;
-        let applied: AppliedState = match applied {
-            Some(bytes) => decode(T_SM, &bytes).map_err(sm_read)?,
-            None => AppliedState::default(),
-        };
         let n = self.shared.counter.fetch_add(1, Ordering::Relaxed);
-        let snapshot_id = match applied.last_applied {
-            Some(id) => format!("{}-{}-{}-{n}", id.leader_id, id.index, std::process::id()),
-            None => format!("none-{}-{n}", std::process::id()),
-        };
-        let meta = SnapshotMeta {
-            last_log_id: applied.last_applied,
-            last_membership: applied.membership,
-            snapshot_id,
-        };
-        let stored = StoredSnapshot { meta, data };
-        {
+        let store = self.store.clone();
+        let stored = blocking(move || build_stored_snapshot(&store, n)).await?;
+        let stored = {
             let _guard = self.shared.lock.lock().await;
-            let newer_exists = current_snapshot(&self.store)?
-                .is_some_and(|cur| cur.meta.last_log_id > stored.meta.last_log_id);
-            if !newer_exists {
-                save_snapshot(&self.store, &stored)?;
-            }
-        }
+            let store = self.store.clone();
+            blocking(move || {
+                let newer_exists = current_snapshot(&store)?
+                    .is_some_and(|cur| cur.meta.last_log_id > stored.meta.last_log_id);
+                if !newer_exists {
+                    save_snapshot(&store, &stored)?;
+                }
+                Ok(stored)
+            })
+            .await?
+        };
         Ok(Snapshot {
             meta: stored.meta,
             snapshot: Box::new(Cursor::new(stored.data)),
@@ -210,7 +257,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
         let _guard = self.snapshots.lock.lock().await;
-        let applied = self.store.import_state(&data).map_err(snap_err)?;
+        let store = self.store.clone();
+        let (applied, data) = blocking(move || {
+            let applied = store.import_state(&data).map_err(snap_err)?;
+            Ok((applied, data))
+        })
+        .await?;
         let applied: AppliedState = match applied {
             Some(bytes) => decode(T_SM, &bytes).map_err(snap_err)?,
             None => AppliedState::default(),
@@ -229,13 +281,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
         };
-        save_snapshot(
-            &self.store,
-            &StoredSnapshot {
-                meta: meta.clone(),
-                data,
-            },
-        )?;
+        let store = self.store.clone();
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        };
+        blocking(move || save_snapshot(&store, &stored)).await?;
         let revision = self.store.revision().map_err(sm_read)?;
         self.publish(vec![ChangeEvent {
             revision,
@@ -246,9 +297,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        Ok(current_snapshot(&self.store)?.map(|s| Snapshot {
-            meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data)),
-        }))
+        let store = self.store.clone();
+        Ok(blocking(move || current_snapshot(&store))
+            .await?
+            .map(|s| Snapshot {
+                meta: s.meta,
+                snapshot: Box::new(Cursor::new(s.data)),
+            }))
     }
 }

@@ -290,6 +290,13 @@ async fn t40_node_added_after_log_purge_receives_a_snapshot() {
         .await
         .unwrap();
     assert!(n4.store().snapshot_get().unwrap().is_some());
+    let mode = std::fs::metadata(n4.store().snapshot_path())
+        .unwrap()
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
     assert_eq!(c.entries(4).await, c.entries(leader).await);
     assert_eq!(c.entries(4).await.len(), 25);
     for node in c.nodes.into_iter().flatten() {

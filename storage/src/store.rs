@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use plinth_spiffe::{Selector, SpiffeId, TrustDomain};
 use rocksdb::{
-    ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch,
-    WriteOptions, DB,
+    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options,
+    WriteBatch, WriteOptions, DB,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -60,6 +60,8 @@ pub(crate) const SM_BATCH_PROGRESS: &[u8] = b"batch_progress";
 const SNAPSHOT_CURRENT: &[u8] = b"current";
 const SNAPSHOT_MAGIC: &[u8; 4] = b"PLSN";
 const SNAPSHOT_VERSION: u8 = 1;
+const SNAPSHOT_FILE_MAGIC: &[u8; 4] = b"PLSF";
+const SNAPSHOT_FILE_VERSION: u8 = 1;
 
 /// Keys of the Raft metadata table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,6 +135,19 @@ fn sync_opts() -> WriteOptions {
     o
 }
 
+/// Options of every column family. Apply looks up keys that mostly do not exist (is this entry
+/// ID taken? is this token there?), so whole-key bloom filters, on disk and in the memtable,
+/// answer those misses without reading data blocks.
+fn table_options() -> Options {
+    let mut block = BlockBasedOptions::default();
+    block.set_bloom_filter(10.0, false);
+    let mut o = Options::default();
+    o.set_block_based_table_factory(&block);
+    o.set_memtable_whole_key_filtering(true);
+    o.set_memtable_prefix_bloom_ratio(0.05);
+    o
+}
+
 impl Store {
     /// Opens (or creates) the database in `path`, creating the directory 0700.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StorageError> {
@@ -144,7 +159,7 @@ impl Store {
         let cfs = [CF_RAFT_LOG, CF_RAFT_META, CF_SNAPSHOT]
             .into_iter()
             .chain(STATE_CFS)
-            .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+            .map(|name| ColumnFamilyDescriptor::new(name, table_options()));
         let db = DB::open_cf_descriptors(&opts, &path, cfs)?;
         Ok(Self {
             db: Arc::new(db),
@@ -332,16 +347,87 @@ impl Store {
         Ok(())
     }
 
-    /// The current snapshot blob, as saved by [`Store::snapshot_put`].
-    pub fn snapshot_get(&self) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(self.db.get_cf(self.cf(CF_SNAPSHOT)?, SNAPSHOT_CURRENT)?)
+    /// Where [`Store::snapshot_put`] keeps the current snapshot: a file beside the database
+    /// directory (`<dir>.snapshot`), so that writing one (the whole state, possibly hundreds of
+    /// MB) never queues in front of RocksDB's writes; inside RocksDB, Raft's log appends waited
+    /// behind it for seconds and the leader stopped answering heartbeats.
+    pub fn snapshot_path(&self) -> PathBuf {
+        let mut name = self.path.file_name().unwrap_or_default().to_os_string();
+        name.push(".snapshot");
+        self.path.with_file_name(name)
     }
 
-    /// Replaces the current snapshot blob (synced).
-    pub fn snapshot_put(&self, blob: Vec<u8>) -> Result<(), StorageError> {
-        self.db
-            .put_cf_opt(self.cf(CF_SNAPSHOT)?, SNAPSHOT_CURRENT, blob, &sync_opts())?;
-        Ok(())
+    /// The current snapshot's metadata and data, as saved by [`Store::snapshot_put`].
+    pub fn snapshot_get(&self) -> Result<Option<(Vec<u8>, Vec<u8>)>, StorageError> {
+        let path = self.snapshot_path();
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StorageError::DataDir { path, source }),
+        };
+        let bad = |reason: &str| StorageError::BadSnapshot(format!("{}: {reason}", path.display()));
+        let rest = bytes
+            .strip_prefix(SNAPSHOT_FILE_MAGIC.as_slice())
+            .ok_or_else(|| bad("not a plinth snapshot file"))?;
+        let (&version, rest) = rest.split_first().ok_or_else(|| bad("truncated"))?;
+        if version != SNAPSHOT_FILE_VERSION {
+            return Err(bad(&format!(
+                "format version {version}; this build reads {SNAPSHOT_FILE_VERSION}"
+            )));
+        }
+        let (len, rest) = rest
+            .split_first_chunk::<8>()
+            .ok_or_else(|| bad("truncated"))?;
+        let len = usize::try_from(u64::from_be_bytes(*len)).map_err(|_| bad("bad length"))?;
+        if rest.len() < len {
+            return Err(bad("truncated"));
+        }
+        let (meta, data) = rest.split_at(len);
+        Ok(Some((meta.to_vec(), data.to_vec())))
+    }
+
+    /// Replaces the current snapshot: written to a temporary file (0600: the state holds join
+    /// tokens), synced, renamed over the old one, the directory synced. Then the write-ahead log
+    /// is synced too, so the applied state the snapshot was taken from is durable before Raft
+    /// purges the log it came from.
+    pub fn snapshot_put(&self, meta: &[u8], data: &[u8]) -> Result<(), StorageError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.snapshot_path();
+        let tmp = path.with_extension("snapshot.tmp");
+        let err = |p: &Path| {
+            let p = p.to_owned();
+            move |source| StorageError::DataDir { path: p, source }
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(err(&tmp))?;
+        let len = u64::try_from(meta.len()).unwrap_or(u64::MAX).to_be_bytes();
+        f.write_all(SNAPSHOT_FILE_MAGIC)
+            .and_then(|()| f.write_all(&[SNAPSHOT_FILE_VERSION]))
+            .and_then(|()| f.write_all(&len))
+            .and_then(|()| f.write_all(meta))
+            .and_then(|()| f.write_all(data))
+            .and_then(|()| f.sync_all())
+            .map_err(err(&tmp))?;
+        drop(f);
+        std::fs::rename(&tmp, &path).map_err(err(&path))?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(err(dir))?;
+        }
+        self.sync()
+    }
+
+    /// A snapshot saved inside the database by builds before snapshot files (read once after
+    /// an upgrade, until the next snapshot is saved as a file).
+    pub fn legacy_snapshot_get(&self) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.db.get_cf(self.cf(CF_SNAPSHOT)?, SNAPSHOT_CURRENT)?)
     }
 
     /// Syncs the write-ahead log: everything written before is durable afterwards.

@@ -785,3 +785,37 @@ fn t70_snapshot_export_import_reproduces_state() {
     assert_eq!(b.store.revision().unwrap(), a.store.revision().unwrap());
     assert_eq!(b.store.export_state().unwrap().0, data);
 }
+
+#[test]
+fn t71_snapshot_file_roundtrip_private_and_checked() {
+    let db = Db::new();
+    assert_eq!(db.store.snapshot_get().unwrap(), None);
+    db.store
+        .snapshot_put(b"{\"meta\":1}", b"state bytes")
+        .unwrap();
+    assert_eq!(
+        db.store.snapshot_get().unwrap(),
+        Some((b"{\"meta\":1}".to_vec(), b"state bytes".to_vec()))
+    );
+    let path = db.store.snapshot_path();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the state holds join tokens");
+    // A newer snapshot replaces the old one whole.
+    db.store.snapshot_put(b"m2", b"").unwrap();
+    assert_eq!(
+        db.store.snapshot_get().unwrap(),
+        Some((b"m2".to_vec(), Vec::new()))
+    );
+    // A damaged file is an error, never a silently empty state.
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+    assert!(matches!(
+        db.store.snapshot_get(),
+        Err(StorageError::BadSnapshot(_))
+    ));
+    std::fs::write(&path, b"garbage").unwrap();
+    assert!(matches!(
+        db.store.snapshot_get(),
+        Err(StorageError::BadSnapshot(_))
+    ));
+}

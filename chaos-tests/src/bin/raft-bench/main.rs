@@ -40,6 +40,10 @@ struct Args {
     /// Client counts to measure, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "1,64")]
     concurrency: Vec<usize>,
+    /// Times to measure every (concurrency, system) cell, alternating plinth and etcd; the
+    /// verdict pools all rounds, so a slow spell of a shared machine weighs on both systems.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Leader kill -9 trials (0 skips the failover measurement).
     #[arg(long, default_value_t = 10)]
     failover_trials: usize,
@@ -89,6 +93,22 @@ struct Stats {
 impl Stats {
     fn rate(&self) -> f64 {
         self.ops as f64 / self.seconds
+    }
+
+    /// All rounds of one cell as one measurement (`None` if there were none).
+    fn pooled<'a>(rounds: impl Iterator<Item = &'a Stats>) -> Option<Stats> {
+        let mut all = Stats::default();
+        let mut any = false;
+        for s in rounds {
+            any = true;
+            all.sent += s.sent;
+            all.ops += s.ops;
+            all.errors += s.errors;
+            all.seconds += s.seconds;
+            all.latencies.extend_from_slice(&s.latencies);
+        }
+        all.latencies.sort();
+        any.then_some(all)
     }
 }
 
@@ -195,29 +215,35 @@ async fn main() -> anyhow::Result<()> {
     );
     let mut results = Vec::new();
     let mut batching = Vec::new();
-    for (round, &n) in args.concurrency.iter().enumerate() {
-        let leader = pc.leader().await?;
-        let mut clients = Vec::new();
-        for c in 0..n {
-            let w = plinth::Writer::connect(&pc.socket(leader), round, c, args.value_size).await?;
-            clients.push(Client::Plinth(w));
-        }
-        let before = pc.applied_index(leader).await?;
-        let s = run_load(clients, args.seconds).await;
-        let entries = pc.applied_index(leader).await?.saturating_sub(before);
-        print_row(n, "plinth", &s);
-        batching.push((n, s.sent, entries));
-        results.push(("plinth", n, s));
-        if let Some(ec) = &ec {
-            let endpoint = ec.leader_endpoint().await?;
+    let cells = args.concurrency.len();
+    for r in 0..args.rounds {
+        for (i, &n) in args.concurrency.iter().enumerate() {
+            // Unique per cell, so no two cells write the same keys.
+            let cell = r * cells + i;
+            let leader = pc.leader().await?;
             let mut clients = Vec::new();
             for c in 0..n {
-                let w = etcd::Writer::connect(&endpoint, round, c, args.value_size).await?;
-                clients.push(Client::Etcd(w));
+                let w =
+                    plinth::Writer::connect(&pc.socket(leader), cell, c, args.value_size).await?;
+                clients.push(Client::Plinth(w));
             }
+            let before = pc.applied_index(leader).await?;
             let s = run_load(clients, args.seconds).await;
-            print_row(n, "etcd", &s);
-            results.push(("etcd", n, s));
+            let entries = pc.applied_index(leader).await?.saturating_sub(before);
+            print_row(n, "plinth", &s);
+            batching.push((n, s.sent, entries));
+            results.push(("plinth", n, s));
+            if let Some(ec) = &ec {
+                let endpoint = ec.leader_endpoint().await?;
+                let mut clients = Vec::new();
+                for c in 0..n {
+                    let w = etcd::Writer::connect(&endpoint, cell, c, args.value_size).await?;
+                    clients.push(Client::Etcd(w));
+                }
+                let s = run_load(clients, args.seconds).await;
+                print_row(n, "etcd", &s);
+                results.push(("etcd", n, s));
+            }
         }
     }
     println!();
@@ -230,13 +256,24 @@ async fn main() -> anyhow::Result<()> {
     if ec.is_some() {
         println!();
         for &n in &args.concurrency {
-            let get = |sys: &str| results.iter().find(|(s, c, _)| *s == sys && *c == n);
-            if let (Some((_, _, p)), Some((_, _, e))) = (get("plinth"), get("etcd")) {
+            let get = |sys: &str| {
+                Stats::pooled(
+                    results
+                        .iter()
+                        .filter(|(s, c, _)| *s == sys && *c == n)
+                        .map(|(_, _, st)| st),
+                )
+            };
+            if let (Some(p), Some(e)) = (get("plinth"), get("etcd")) {
                 let p99p = quantile(&p.latencies, 0.99);
                 let p99e = quantile(&e.latencies, 0.99);
                 let met = p.rate() >= e.rate() && p99p <= p99e;
                 println!(
-                    "{n} client(s): plinth/etcd throughput {:.2}x, p99 {} ms vs {} ms: target {}",
+                    "{n} client(s), {} round(s) pooled: plinth {:.0} vs etcd {:.0} writes/s, \
+                     throughput {:.2}x, p99 {} ms vs {} ms: target {}",
+                    args.rounds,
+                    p.rate(),
+                    e.rate(),
                     p.rate() / e.rate(),
                     ms(p99p),
                     ms(p99e),
