@@ -33,7 +33,7 @@ use crate::types::{NodeId, Raft};
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 /// Default heartbeat interval (see [`RaftConfig::new`] for the rationale).
-pub const DEFAULT_HEARTBEAT_MS: u64 = 30;
+pub const DEFAULT_HEARTBEAT_MS: u64 = 70;
 /// Default lower bound of the election timeout.
 pub const DEFAULT_ELECTION_TIMEOUT_MIN_MS: u64 = 80;
 /// Default upper bound of the election timeout, which openraft 0.9 also uses as the leader lease.
@@ -67,15 +67,19 @@ pub struct RaftConfig {
 }
 
 impl RaftConfig {
-    /// Defaults: 30 ms heartbeat, 80-160 ms election timeout, snapshot every 5000 entries,
+    /// Defaults: 70 ms heartbeat, 80-160 ms election timeout, snapshot every 5000 entries,
     /// keep 1000, 5 s requests. Neither TLS nor plain TCP is chosen: set one.
     ///
     /// The timing is for servers on one LAN (round trips well under 1 ms). openraft 0.9 makes
     /// a follower that has heard from a leader wait its leader lease (`election_timeout_max`)
     /// plus its own election timeout before campaigning, so a follower campaigns only after
-    /// 240-320 ms without any message from the leader (8 heartbeats or more), and a dead leader
-    /// is replaced in about 300 ms (docs/benchmarks.md). Across sites with tens of ms of round
-    /// trip, raise all three (e.g. 100 ms heartbeat, 500-1000 ms election timeout).
+    /// 240-320 ms without any message from the leader, and a dead leader is replaced in about
+    /// 300 ms (docs/benchmarks.md). openraft 0.9 also uses the heartbeat interval as the
+    /// deadline of every AppendEntries: at 30 ms, a follower whose fsync waited behind a
+    /// RocksDB flush missed it, the leader resent, and under sustained load writes stalled and
+    /// followers started elections; 70 ms replaces a dead leader as fast (measured) with more
+    /// than twice the margin. Across sites with tens of ms of round trip, raise all three
+    /// (e.g. 100 ms heartbeat, 500-1000 ms election timeout).
     pub fn new(node_id: NodeId, listen_addr: SocketAddr, data_dir: impl Into<PathBuf>) -> Self {
         Self {
             node_id,

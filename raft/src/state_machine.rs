@@ -118,9 +118,12 @@ pub struct SnapshotBuilder {
 }
 
 fn current_snapshot(store: &Store) -> Result<Option<StoredSnapshot>, StorageError> {
-    if let Some((meta, data)) = store.snapshot_get().map_err(sm_read)? {
-        let meta = decode(T_SNAP, &meta).map_err(sm_read)?;
-        return Ok(Some(StoredSnapshot { meta, data }));
+    if let Some(file) = store.snapshot_get().map_err(sm_read)? {
+        let meta = decode(T_SNAP, &file.meta).map_err(sm_read)?;
+        return Ok(Some(StoredSnapshot {
+            meta,
+            data: file.data,
+        }));
     }
     store
         .legacy_snapshot_get()

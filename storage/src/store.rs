@@ -65,6 +65,13 @@ const SNAPSHOT_FILE_VERSION: u8 = 1;
 /// Bytes of a snapshot file written between two syncs.
 const SNAPSHOT_SYNC_BYTES: usize = 4 * 1024 * 1024;
 
+/// A saved snapshot: the caller's encoding of its metadata, and the state export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotFile {
+    pub meta: Vec<u8>,
+    pub data: Vec<u8>,
+}
+
 /// Keys of the Raft metadata table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MetaKey {
@@ -363,8 +370,8 @@ impl Store {
         self.path.with_file_name(name)
     }
 
-    /// The current snapshot's metadata and data, as saved by [`Store::snapshot_put`].
-    pub fn snapshot_get(&self) -> Result<Option<(Vec<u8>, Vec<u8>)>, StorageError> {
+    /// The current snapshot, as saved by [`Store::snapshot_put`].
+    pub fn snapshot_get(&self) -> Result<Option<SnapshotFile>, StorageError> {
         let path = self.snapshot_path();
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
@@ -389,7 +396,10 @@ impl Store {
             return Err(bad("truncated"));
         }
         let (meta, data) = rest.split_at(len);
-        Ok(Some((meta.to_vec(), data.to_vec())))
+        Ok(Some(SnapshotFile {
+            meta: meta.to_vec(),
+            data: data.to_vec(),
+        }))
     }
 
     /// Replaces the current snapshot: written to a temporary file (0600: the state holds join

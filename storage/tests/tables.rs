@@ -11,7 +11,7 @@ use plinth_spiffe::{KeyType, PrivateKey, Selector, Selectors, SpiffeId, TrustDom
 use plinth_storage::{
     AuthorityPublic, AuthorityStatus, BundleEndpointProfile, CaAuthority, Change, Command,
     CommandError, FederationRelationship, JoinToken, MetaKey, Outcome, Proposal, RegistrationEntry,
-    Response, StorageError, Store, StoredBundle, StoredJwtAuthority,
+    Response, SnapshotFile, StorageError, Store, StoredBundle, StoredJwtAuthority,
 };
 
 struct Db {
@@ -795,7 +795,10 @@ fn t71_snapshot_file_roundtrip_private_and_checked() {
         .unwrap();
     assert_eq!(
         db.store.snapshot_get().unwrap(),
-        Some((b"{\"meta\":1}".to_vec(), b"state bytes".to_vec()))
+        Some(SnapshotFile {
+            meta: b"{\"meta\":1}".to_vec(),
+            data: b"state bytes".to_vec()
+        })
     );
     let path = db.store.snapshot_path();
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
@@ -804,7 +807,10 @@ fn t71_snapshot_file_roundtrip_private_and_checked() {
     db.store.snapshot_put(b"m2", b"").unwrap();
     assert_eq!(
         db.store.snapshot_get().unwrap(),
-        Some((b"m2".to_vec(), Vec::new()))
+        Some(SnapshotFile {
+            meta: b"m2".to_vec(),
+            data: Vec::new()
+        })
     );
     // A damaged file is an error, never a silently empty state.
     let bytes = std::fs::read(&path).unwrap();

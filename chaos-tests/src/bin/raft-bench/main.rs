@@ -53,7 +53,7 @@ struct Args {
     election_min_ms: u64,
     #[arg(long, default_value_t = 160)]
     election_max_ms: u64,
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 70)]
     heartbeat_ms: u64,
     /// Skip the etcd baseline.
     #[arg(long)]
