@@ -97,22 +97,12 @@ async fn node(id: u64, addr: SocketAddr, dir: &std::path::Path, tls: PeerTls) ->
 
 fn create(n: u32) -> Command {
     Command::EntryCreate {
-        entry: RegistrationEntry {
-            id: format!("entry-{n}"),
-            spiffe_id: SpiffeId::new(&format!("spiffe://example.org/w/{n}")).unwrap(),
-            parent_id: SpiffeId::new("spiffe://example.org/agent").unwrap(),
-            selectors: Selectors::parse_all(&[format!("unix:uid:{n}")]).unwrap(),
-            x509_svid_ttl: 0,
-            jwt_svid_ttl: 0,
-            federates_with: vec![],
-            admin: false,
-            downstream: false,
-            expires_at: None,
-            dns_names: vec![],
-            hint: String::new(),
-            revision: 0,
-            created_at: 0,
-        },
+        entry: RegistrationEntry::new(
+            format!("entry-{n}"),
+            SpiffeId::new(&format!("spiffe://example.org/w/{n}")).unwrap(),
+            SpiffeId::new("spiffe://example.org/agent").unwrap(),
+            Selectors::parse_all(&[format!("unix:uid:{n}")]).unwrap(),
+        ),
     }
 }
 

@@ -1239,13 +1239,7 @@ fn server_id_of(f: &EntryFields) -> anyhow::Result<Option<String>> {
 
 fn write_secret(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
+    let mut f = plinth_storage::create_private_file(path)
         .with_context(|| format!("writing {}", path.display()))?;
     f.write_all(data)?;
     Ok(())

@@ -13,7 +13,7 @@
 //! SVID and the replicated bundle replaces the bootstrap one.
 
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -83,12 +83,7 @@ impl PeerSvid {
         let mut text = self.svid.chain_pem();
         text.push_str(&self.key.to_pkcs8_pem());
         let tmp = path.with_extension("pem.tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
+        let mut f = plinth_storage::create_private_file(&tmp)
             .with_context(|| format!("writing {}", tmp.display()))?;
         f.write_all(text.as_bytes())
             .and_then(|()| f.sync_all())

@@ -855,22 +855,12 @@ mod tests {
     }
 
     fn entry(id: &str, spiffe: &str, selector: &str) -> RegistrationEntry {
-        RegistrationEntry {
-            id: id.into(),
-            spiffe_id: SpiffeId::new(spiffe).unwrap(),
-            parent_id: SpiffeId::new("spiffe://example.org/agent").unwrap(),
-            selectors: Selectors::parse_all(&[selector]).unwrap(),
-            x509_svid_ttl: 3600,
-            jwt_svid_ttl: 300,
-            federates_with: vec![],
-            admin: false,
-            downstream: false,
-            expires_at: None,
-            dns_names: vec![],
-            hint: String::new(),
-            revision: 0,
-            created_at: 0,
-        }
+        RegistrationEntry::new(
+            id,
+            SpiffeId::new(spiffe).unwrap(),
+            SpiffeId::new("spiffe://example.org/agent").unwrap(),
+            Selectors::parse_all(&[selector]).unwrap(),
+        )
     }
 
     /// Commands that depend on each other: each one's outcome depends on the ones before it.

@@ -25,4 +25,4 @@ pub use model::{
     CaAuthority, FederationRelationship, JoinToken, RegistrationEntry, SecretString, StoredBundle,
     StoredJwtAuthority,
 };
-pub use store::{create_private_dir, MetaKey, SnapshotFile, Store};
+pub use store::{create_private_dir, create_private_file, MetaKey, SnapshotFile, Store};

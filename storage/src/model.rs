@@ -38,6 +38,32 @@ pub struct RegistrationEntry {
 }
 
 impl RegistrationEntry {
+    /// An entry mapping `selectors` under `parent_id` to `spiffe_id`, with the server's default
+    /// TTLs and nothing else set.
+    pub fn new(
+        id: impl Into<String>,
+        spiffe_id: SpiffeId,
+        parent_id: SpiffeId,
+        selectors: Selectors,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            spiffe_id,
+            parent_id,
+            selectors,
+            x509_svid_ttl: 0,
+            jwt_svid_ttl: 0,
+            federates_with: Vec::new(),
+            admin: false,
+            downstream: false,
+            expires_at: None,
+            dns_names: Vec::new(),
+            hint: String::new(),
+            revision: 0,
+            created_at: 0,
+        }
+    }
+
     /// True if `other` describes the same mapping (same SPIFFE ID, parent and selectors): two such
     /// entries must not coexist.
     pub fn same_mapping(&self, other: &RegistrationEntry) -> bool {

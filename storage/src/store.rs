@@ -103,6 +103,18 @@ impl fmt::Debug for Store {
     }
 }
 
+/// Creates (or truncates) `path` for writing, with mode 0600 from the first byte: for keys,
+/// SVIDs and snapshots (the state holds join tokens).
+pub fn create_private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
 /// Creates `path` (and parents) with mode 0700, and tightens it to 0700 if it already existed.
 pub fn create_private_dir(path: &Path) -> Result<(), StorageError> {
     let err = |source| StorageError::DataDir {
@@ -408,20 +420,13 @@ impl Store {
     /// purges the log it came from.
     pub fn snapshot_put(&self, meta: &[u8], data: &[u8]) -> Result<(), StorageError> {
         use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         let path = self.snapshot_path();
         let tmp = path.with_extension("snapshot.tmp");
         let err = |p: &Path| {
             let p = p.to_owned();
             move |source| StorageError::DataDir { path: p, source }
         };
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(err(&tmp))?;
+        let mut f = create_private_file(&tmp).map_err(err(&tmp))?;
         let len = u64::try_from(meta.len()).unwrap_or(u64::MAX).to_be_bytes();
         f.write_all(SNAPSHOT_FILE_MAGIC)
             .and_then(|()| f.write_all(&[SNAPSHOT_FILE_VERSION]))

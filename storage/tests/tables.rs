@@ -74,20 +74,9 @@ fn sels(items: &[&str]) -> Selectors {
 
 fn entry(entry_id: &str, spiffe: &str, parent: &str, selectors: &[&str]) -> RegistrationEntry {
     RegistrationEntry {
-        id: entry_id.into(),
-        spiffe_id: id(spiffe),
-        parent_id: id(parent),
-        selectors: sels(selectors),
         x509_svid_ttl: 3600,
         jwt_svid_ttl: 300,
-        federates_with: vec![],
-        admin: false,
-        downstream: false,
-        expires_at: None,
-        dns_names: vec![],
-        hint: String::new(),
-        revision: 0,
-        created_at: 0,
+        ..RegistrationEntry::new(entry_id, id(spiffe), id(parent), sels(selectors))
     }
 }
 
