@@ -162,20 +162,13 @@ mod tests {
                     pool[rng.next(pool.len())].clone()
                 };
                 let entry = RegistrationEntry {
-                    id: format!("e{i}"),
-                    spiffe_id: SpiffeId::new(&spiffe_id).unwrap(),
-                    parent_id: SpiffeId::new(&parent).unwrap(),
-                    selectors: Selectors::parse_all(selector_sets[rng.next(4)]).unwrap(),
-                    x509_svid_ttl: 0,
-                    jwt_svid_ttl: 0,
-                    federates_with: vec![],
-                    admin: false,
-                    downstream: false,
                     expires_at: (rng.next(8) == 0).then_some(now - 1),
-                    dns_names: vec![],
-                    hint: String::new(),
-                    revision: 0,
-                    created_at: 0,
+                    ..RegistrationEntry::new(
+                        format!("e{i}"),
+                        SpiffeId::new(&spiffe_id).unwrap(),
+                        SpiffeId::new(&parent).unwrap(),
+                        Selectors::parse_all(selector_sets[rng.next(4)]).unwrap(),
+                    )
                 };
                 let proposal = Proposal {
                     now,

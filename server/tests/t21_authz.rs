@@ -18,20 +18,13 @@ fn entry(
     expires_at: Option<i64>,
 ) -> RegistrationEntry {
     RegistrationEntry {
-        id: id.into(),
-        spiffe_id: SpiffeId::new(spiffe_id).unwrap(),
-        parent_id: SpiffeId::new(parent).unwrap(),
-        selectors: Selectors::parse_all(sel).unwrap(),
-        x509_svid_ttl: 0,
-        jwt_svid_ttl: 0,
-        federates_with: vec![],
-        admin: false,
-        downstream: false,
         expires_at,
-        dns_names: vec![],
-        hint: String::new(),
-        revision: 0,
-        created_at: 0,
+        ..RegistrationEntry::new(
+            id,
+            SpiffeId::new(spiffe_id).unwrap(),
+            SpiffeId::new(parent).unwrap(),
+            Selectors::parse_all(sel).unwrap(),
+        )
     }
 }
 

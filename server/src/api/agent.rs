@@ -309,23 +309,14 @@ impl<S: Replicated> AgentService for AgentApi<S> {
             // SPIRE aliases the token's agent by an entry parented to the agent's ID.
             let agent_id = join_token_agent_id(&self.0.cfg.trust_domain, &token)
                 .map_err(|_| Status::internal("token"))?;
-            let entry = plinth_storage::RegistrationEntry {
-                id: super::convert::new_uuid()?,
-                spiffe_id: alias,
-                parent_id: agent_id.clone(),
-                selectors: Selectors::parse_all(&[format!("spiffe_id:{agent_id}")])
-                    .map_err(|e| Status::internal(e.to_string()))?,
-                x509_svid_ttl: 0,
-                jwt_svid_ttl: 0,
-                federates_with: Vec::new(),
-                admin: false,
-                downstream: false,
-                expires_at: None,
-                dns_names: Vec::new(),
-                hint: String::new(),
-                revision: 0,
-                created_at: 0,
-            };
+            let selectors = Selectors::parse_all(&[format!("spiffe_id:{agent_id}")])
+                .map_err(|e| Status::internal(e.to_string()))?;
+            let entry = plinth_storage::RegistrationEntry::new(
+                super::convert::new_uuid()?,
+                alias,
+                agent_id,
+                selectors,
+            );
             self.0
                 .state
                 .propose(Command::EntryCreate { entry })
