@@ -927,6 +927,11 @@ mod tests {
         )
     }
 
+    fn apply_batch(store: &Store, index: u64, commands: Vec<Command>, applied: &[u8]) -> Applied {
+        let batch = proposal(Command::Batch { commands });
+        store.apply(index, Some(&batch), applied).unwrap()
+    }
+
     fn batch_responses(applied: &Applied) -> Vec<Response> {
         match &applied.response.result {
             Ok(Outcome::Batch { responses }) => responses.clone(),
@@ -967,15 +972,7 @@ mod tests {
         );
 
         let (_b, batched) = open();
-        let applied = batched
-            .apply(
-                7,
-                Some(&proposal(Command::Batch {
-                    commands: commands(),
-                })),
-                b"y",
-            )
-            .unwrap();
+        let applied = apply_batch(&batched, 7, commands(), b"y");
         assert_eq!(batch_responses(&applied), expected);
         assert_eq!(applied.response.revision, one_by_one.revision().unwrap());
         let batched_events: Vec<_> = applied
@@ -1055,15 +1052,7 @@ mod tests {
             .put_typed(&mut batch, CF_SM_META, SM_BATCH_PROGRESS, &stale)
             .unwrap();
         store.write_batch(batch).unwrap();
-        let applied = store
-            .apply(
-                4,
-                Some(&proposal(Command::Batch {
-                    commands: commands(),
-                })),
-                b"4",
-            )
-            .unwrap();
+        let applied = apply_batch(&store, 4, commands(), b"4");
         assert!(batch_responses(&applied)[0].result.is_ok());
         let ids: Vec<String> = store
             .list_entries()
