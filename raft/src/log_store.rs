@@ -286,9 +286,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut encoded = Vec::new();
         let mut decoded = Vec::new();
         for e in entries {
+            let index = e.log_id.index;
             let bytes = encode(T_LOG, &e).map_err(write_err)?;
-            decoded.push((e.log_id.index, bytes.len(), e));
-            encoded.push((decoded[decoded.len() - 1].0, bytes));
+            decoded.push((index, bytes.len(), e));
+            encoded.push((index, bytes));
         }
         // One lock around the write and the cache update keeps the two in the same order.
         let mut cache = self.cache();
