@@ -38,6 +38,10 @@ pub const DEFAULT_HEARTBEAT_MS: u64 = 70;
 pub const DEFAULT_ELECTION_TIMEOUT_MIN_MS: u64 = 80;
 /// Default upper bound of the election timeout, which openraft 0.9 also uses as the leader lease.
 pub const DEFAULT_ELECTION_TIMEOUT_MAX_MS: u64 = 160;
+/// Default number of applied log entries between two snapshots.
+pub const DEFAULT_SNAPSHOT_AFTER_LOGS: u64 = 5000;
+/// Default number of log entries kept after a snapshot.
+pub const DEFAULT_LOGS_KEPT_AFTER_SNAPSHOT: u64 = 1000;
 
 /// Configuration of one node. Build with [`RaftConfig::new`], adjust fields, then
 /// [`RaftNode::start`] validates it.
@@ -89,8 +93,8 @@ impl RaftConfig {
             heartbeat_interval: Duration::from_millis(DEFAULT_HEARTBEAT_MS),
             election_timeout_min: Duration::from_millis(DEFAULT_ELECTION_TIMEOUT_MIN_MS),
             election_timeout_max: Duration::from_millis(DEFAULT_ELECTION_TIMEOUT_MAX_MS),
-            snapshot_after_logs: 5000,
-            logs_kept_after_snapshot: 1000,
+            snapshot_after_logs: DEFAULT_SNAPSHOT_AFTER_LOGS,
+            logs_kept_after_snapshot: DEFAULT_LOGS_KEPT_AFTER_SNAPSHOT,
             request_timeout: Duration::from_secs(5),
             tls: None,
             insecure_plaintext: false,

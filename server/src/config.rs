@@ -141,6 +141,14 @@ pub struct ClusterSection {
     pub election_timeout_max_ms: u64,
     #[serde(default = "default_heartbeat")]
     pub heartbeat_interval_ms: u64,
+    /// Applied log entries between two snapshots (each a full copy of the state).
+    #[serde(default = "default_snapshot_after_logs")]
+    pub snapshot_after_logs: u64,
+    /// Log entries kept after a snapshot, for followers that lag a little. A new leader sends
+    /// each follower about half of the unpurged log again (openraft 0.9), so a shorter log is
+    /// a faster failover after heavy write loads (docs/benchmarks.md).
+    #[serde(default = "default_logs_kept_after_snapshot")]
+    pub logs_kept_after_snapshot: u64,
 }
 
 impl Default for ClusterSection {
@@ -157,6 +165,8 @@ impl Default for ClusterSection {
             election_timeout_min_ms: default_election_min(),
             election_timeout_max_ms: default_election_max(),
             heartbeat_interval_ms: default_heartbeat(),
+            snapshot_after_logs: default_snapshot_after_logs(),
+            logs_kept_after_snapshot: default_logs_kept_after_snapshot(),
         }
     }
 }
@@ -289,6 +299,12 @@ fn default_election_max() -> u64 {
 }
 fn default_heartbeat() -> u64 {
     plinth_raft::node::DEFAULT_HEARTBEAT_MS
+}
+fn default_snapshot_after_logs() -> u64 {
+    plinth_raft::node::DEFAULT_SNAPSHOT_AFTER_LOGS
+}
+fn default_logs_kept_after_snapshot() -> u64 {
+    plinth_raft::node::DEFAULT_LOGS_KEPT_AFTER_SNAPSHOT
 }
 fn default_health_bind() -> String {
     "localhost".into()
@@ -474,6 +490,9 @@ impl Config {
         if file.cluster.node_id == 0 {
             return Err(invalid("cluster.node_id", "must be at least 1"));
         }
+        if file.cluster.snapshot_after_logs == 0 {
+            return Err(invalid("cluster.snapshot_after_logs", "must be at least 1"));
+        }
         let cl = &file.cluster;
         if cl.bootstrap_svid_path.is_some() != cl.bootstrap_key_path.is_some() {
             return Err(invalid(
@@ -545,6 +564,25 @@ data_dir = "/tmp/x"
             c.file.server.socket_path,
             PathBuf::from("/tmp/plinth-server/private/api.sock")
         );
+    }
+
+    #[test]
+    fn snapshot_settings_default_to_raft_and_are_checked() {
+        let c = Config::parse(MIN, false).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.file.cluster.snapshot_after_logs, 5000);
+        assert_eq!(c.file.cluster.logs_kept_after_snapshot, 1000);
+        let with = |cluster: &str| format!("{MIN}\n[cluster]\n{cluster}\n");
+        let c = Config::parse(
+            &with("snapshot_after_logs = 1000\nlogs_kept_after_snapshot = 50"),
+            false,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.file.cluster.snapshot_after_logs, 1000);
+        assert_eq!(c.file.cluster.logs_kept_after_snapshot, 50);
+        let e = Config::parse(&with("snapshot_after_logs = 0"), false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cluster.snapshot_after_logs"), "{e}");
     }
 
     #[test]

@@ -116,6 +116,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningServer> {
     rc.election_timeout_min = Duration::from_millis(cl.election_timeout_min_ms);
     rc.election_timeout_max = Duration::from_millis(cl.election_timeout_max_ms);
     rc.heartbeat_interval = Duration::from_millis(cl.heartbeat_interval_ms);
+    rc.snapshot_after_logs = cl.snapshot_after_logs;
+    rc.logs_kept_after_snapshot = cl.logs_kept_after_snapshot;
     // The server's SVID, also presented to peers: restored before Raft starts, because loading
     // the CA needs a leader and electing one needs peers to accept each other.
     let identity = Arc::new(

@@ -55,6 +55,12 @@ struct Args {
     election_max_ms: u64,
     #[arg(long, default_value_t = 70)]
     heartbeat_ms: u64,
+    /// plinth's `[cluster] snapshot_after_logs` and `logs_kept_after_snapshot` (defaults:
+    /// plinth-server's).
+    #[arg(long, default_value_t = 5000)]
+    snapshot_after_logs: u64,
+    #[arg(long, default_value_t = 1000)]
+    logs_kept_after_snapshot: u64,
     /// Skip the etcd baseline.
     #[arg(long)]
     no_etcd: bool,
@@ -199,6 +205,8 @@ async fn main() -> anyhow::Result<()> {
         election_min_ms: args.election_min_ms,
         election_max_ms: args.election_max_ms,
         heartbeat_ms: args.heartbeat_ms,
+        snapshot_after_logs: args.snapshot_after_logs,
+        logs_kept_after_snapshot: args.logs_kept_after_snapshot,
     };
 
     eprintln!("starting plinth (3 processes) and etcd (3 members) ...");

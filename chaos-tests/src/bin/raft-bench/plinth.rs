@@ -27,6 +27,8 @@ pub struct Timing {
     pub election_min_ms: u64,
     pub election_max_ms: u64,
     pub heartbeat_ms: u64,
+    pub snapshot_after_logs: u64,
+    pub logs_kept_after_snapshot: u64,
 }
 
 #[derive(Debug)]
@@ -106,6 +108,8 @@ insecure_plaintext = true
 election_timeout_min_ms = {emin}
 election_timeout_max_ms = {emax}
 heartbeat_interval_ms = {hb}
+snapshot_after_logs = {snap}
+logs_kept_after_snapshot = {kept}
 
 [key_manager]
 type = "disk"
@@ -118,6 +122,8 @@ keys_path = "{d}/keys"
                 emin = t.election_min_ms,
                 emax = t.election_max_ms,
                 hb = t.heartbeat_ms,
+                snap = t.snapshot_after_logs,
+                kept = t.logs_kept_after_snapshot,
             );
             std::fs::write(dir.join("server.toml"), config)?;
             nodes.push(Node {
