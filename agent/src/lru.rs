@@ -217,15 +217,23 @@ mod tests {
         v.iter().copied().collect()
     }
 
+    /// The plan for a cache that holds nothing, with no open streams and no use recorded.
+    fn plan_empty(eligible: &[&str], budget: Budget) -> Plan {
+        plan(
+            eligible,
+            &HashSet::new(),
+            &HashSet::new(),
+            &HashMap::new(),
+            budget,
+        )
+    }
+
     #[test]
     fn prefetches_up_to_the_prefetch_count_in_entry_order() {
         let all = ids(10);
         let eligible: Vec<&str> = all.iter().map(String::as_str).collect();
-        let p = plan(
+        let p = plan_empty(
             &eligible,
-            &HashSet::new(),
-            &HashSet::new(),
-            &HashMap::new(),
             Budget {
                 max_size: 5,
                 prefetch: 3,
@@ -235,21 +243,12 @@ mod tests {
         assert!(p.evict.is_empty());
 
         // Small deployment with the defaults: everything.
-        let p = plan(
-            &eligible,
-            &HashSet::new(),
-            &HashSet::new(),
-            &HashMap::new(),
-            Budget::default(),
-        );
+        let p = plan_empty(&eligible, Budget::default());
         assert_eq!(p.fetch.len(), 10);
 
         // A prefetch count above the maximum size is held to it.
-        let p = plan(
+        let p = plan_empty(
             &eligible,
-            &HashSet::new(),
-            &HashSet::new(),
-            &HashMap::new(),
             Budget {
                 max_size: 4,
                 prefetch: 100,

@@ -33,7 +33,7 @@ fn free_port() -> u16 {
 }
 
 mod server_env;
-use server_env::{bundle_and_token, my_uid, server_config};
+use server_env::{agent_log, bundle_and_token, first_x509_answer, my_uid, server_config, wait_for};
 
 /// A TCP relay between the agent and the server that the test can cut: the agent sees exactly
 /// what a dead server looks like (connections reset, new ones closed at once).
@@ -146,24 +146,6 @@ fn spawn_agent(dir: &Path, config: &Path, token: Option<&str>) -> Child {
     cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap()
 }
 
-fn agent_log(dir: &Path) -> String {
-    std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
-}
-
-async fn wait_for<F: FnMut() -> bool>(what: &str, dir: &Path, mut f: F) {
-    let deadline = Instant::now() + WAIT;
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "timed out waiting for {what}\nagent log:\n{}",
-        agent_log(dir)
-    );
-}
-
 async fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     // Workloads under other UIDs must reach the socket (and the CLI copy) in here.
@@ -234,16 +216,7 @@ async fn delete(admin: &Channel, id: &str) {
 
 /// The SPIFFE IDs and leaf expiries of one FetchX509SVID answer from this process.
 async fn fetch_here(socket: &Path) -> Result<Vec<(String, OffsetDateTime)>, tonic::Status> {
-    let mut client = connect(socket).unwrap();
-    let mut stream = client
-        .fetch_x509svid(X509svidRequest {})
-        .await?
-        .into_inner();
-    let msg = tokio::time::timeout(WAIT, stream.message())
-        .await
-        .map_err(|_| tonic::Status::deadline_exceeded("no answer"))??
-        .ok_or_else(|| tonic::Status::internal("stream ended"))?;
-    Ok(summary(&msg))
+    Ok(summary(&first_x509_answer(socket).await?))
 }
 
 fn summary(msg: &plinth_api::workload::X509svidResponse) -> Vec<(String, OffsetDateTime)> {

@@ -11,8 +11,8 @@ use std::path::Path;
 use plinth_agent::client::{channel, connect};
 use plinth_api::spire::agent::debug::v1::debug_client::DebugClient;
 use plinth_api::spire::agent::debug::v1::{GetInfoRequest, GetInfoResponse};
-use plinth_api::workload::{JwtsvidRequest, X509svidRequest};
-use server_env::{entry, my_uid, Env, WAIT};
+use plinth_api::workload::JwtsvidRequest;
+use server_env::{entry, first_x509_answer, my_uid, Env};
 use time::OffsetDateTime;
 
 async fn get_info(socket: &Path) -> GetInfoResponse {
@@ -25,15 +25,7 @@ async fn get_info(socket: &Path) -> GetInfoResponse {
 
 /// The SPIFFE IDs of the first FetchX509SVID answer to this process.
 async fn fetch_ids(socket: &Path) -> Result<Vec<String>, tonic::Status> {
-    let mut client = connect(socket).unwrap();
-    let mut stream = client
-        .fetch_x509svid(X509svidRequest {})
-        .await?
-        .into_inner();
-    let msg = tokio::time::timeout(WAIT, stream.message())
-        .await
-        .map_err(|_| tonic::Status::deadline_exceeded("no answer"))??
-        .ok_or_else(|| tonic::Status::internal("stream ended"))?;
+    let msg = first_x509_answer(socket).await?;
     Ok(msg.svids.into_iter().map(|s| s.spiffe_id).collect())
 }
 

@@ -18,6 +18,41 @@ use tonic::transport::Channel;
 /// Generous bound for anything that should take well under a second (a hang guard).
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// The log of the agent whose files are in `dir` (`agent.log`), or "" before it exists.
+pub fn agent_log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+}
+
+/// Polls `f` until it holds; panics with the agent log in `dir` after [`WAIT`].
+pub async fn wait_for<F: FnMut() -> bool>(what: &str, dir: &Path, mut f: F) {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "timed out waiting for {what}\nagent log:\n{}",
+        agent_log(dir)
+    );
+}
+
+/// The first FetchX509SVID answer the agent at `socket` gives this process, within [`WAIT`].
+pub async fn first_x509_answer(
+    socket: &Path,
+) -> Result<plinth_api::workload::X509svidResponse, tonic::Status> {
+    let mut client = plinth_agent::client::connect(socket).unwrap();
+    let mut stream = client
+        .fetch_x509svid(plinth_api::workload::X509svidRequest {})
+        .await?
+        .into_inner();
+    tokio::time::timeout(WAIT, stream.message())
+        .await
+        .map_err(|_| tonic::Status::deadline_exceeded("no answer"))??
+        .ok_or_else(|| tonic::Status::internal("stream ended"))
+}
+
 pub fn my_uid() -> u32 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
@@ -179,22 +214,12 @@ impl Env {
     }
 
     pub fn agent_log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+        agent_log(self.dir.path())
     }
 
     /// Polls `f` until it holds; panics with the agent log after [`WAIT`].
-    pub async fn wait_for<F: FnMut() -> bool>(&self, what: &str, mut f: F) {
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            if f() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!(
-            "timed out waiting for {what}\nagent log:\n{}",
-            self.agent_log()
-        );
+    pub async fn wait_for<F: FnMut() -> bool>(&self, what: &str, f: F) {
+        wait_for(what, self.dir.path(), f).await;
     }
 
     /// Creates entries through the admin socket; each must succeed.
