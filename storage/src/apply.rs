@@ -90,14 +90,17 @@ impl Store {
             });
         };
         let Command::Batch { commands } = &proposal.command else {
-            return self.apply_command(log_index, proposal.now, &proposal.command, |batch| {
-                self.set_applied(batch, applied_state)
+            let current = self.revision()?;
+            return self.apply_command(log_index, proposal.now, &proposal.command, current, |b| {
+                self.set_applied(b, applied_state)
             });
         };
         let done = match self.get_typed::<BatchProgress>(CF_SM_META, SM_BATCH_PROGRESS)? {
             Some(p) if p.log_index == log_index => p.done,
             _ => 0,
         };
+        // The revision is read once and carried from command to command.
+        let mut revision = self.revision()?;
         let mut responses = Vec::with_capacity(commands.len());
         let mut changes = Vec::new();
         for (i, command) in commands.iter().enumerate() {
@@ -110,24 +113,26 @@ impl Store {
             }
             if i < done {
                 responses.push(Response {
-                    revision: self.revision()?,
+                    revision,
                     result: Ok(Outcome::None),
                 });
                 continue;
             }
             let last = i + 1 == commands.len();
-            let applied = self.apply_command(log_index, proposal.now, command, |batch| {
-                if last {
-                    self.delete(batch, CF_SM_META, SM_BATCH_PROGRESS)?;
-                    self.set_applied(batch, applied_state)
-                } else {
-                    let progress = BatchProgress {
-                        log_index,
-                        done: i + 1,
-                    };
-                    self.put_typed(batch, CF_SM_META, SM_BATCH_PROGRESS, &progress)
-                }
-            })?;
+            let applied =
+                self.apply_command(log_index, proposal.now, command, revision, |batch| {
+                    if last {
+                        self.delete(batch, CF_SM_META, SM_BATCH_PROGRESS)?;
+                        self.set_applied(batch, applied_state)
+                    } else {
+                        let progress = BatchProgress {
+                            log_index,
+                            done: i + 1,
+                        };
+                        self.put_typed(batch, CF_SM_META, SM_BATCH_PROGRESS, &progress)
+                    }
+                })?;
+            revision = applied.response.revision;
             responses.push(applied.response);
             changes.extend(applied.changes);
         }
@@ -140,23 +145,24 @@ impl Store {
         }
         Ok(Applied {
             response: Response {
-                revision: self.revision()?,
+                revision,
                 result: Ok(Outcome::Batch { responses }),
             },
             changes,
         })
     }
 
-    /// Applies one command in one RocksDB write; `finish` adds the bookkeeping of where apply
-    /// stands to that write (also when the command is refused).
+    /// Applies one command in one RocksDB write, from the global revision `current`; `finish`
+    /// adds the bookkeeping of where apply stands to that write (also when the command is
+    /// refused).
     fn apply_command(
         &self,
         log_index: u64,
         now: i64,
         command: &Command,
+        current: u64,
         finish: impl FnOnce(&mut WriteBatch) -> Result<(), StorageError>,
     ) -> Result<Applied, StorageError> {
-        let current = self.revision()?;
         let mut txn = Txn {
             store: self,
             batch: WriteBatch::default(),
