@@ -139,6 +139,14 @@ fn current_snapshot(store: &Store) -> Result<Option<StoredSnapshot>, StorageErro
         .transpose()
 }
 
+/// The current snapshot's metadata, without reading its data from a snapshot file.
+fn current_snapshot_meta(store: &Store) -> Result<Option<SnapshotMeta>, StorageError> {
+    match store.snapshot_meta().map_err(sm_read)? {
+        Some(meta) => Ok(Some(decode(T_SNAP, &meta).map_err(sm_read)?)),
+        None => Ok(current_snapshot(store)?.map(|s| s.meta)),
+    }
+}
+
 fn save_snapshot(store: &Store, snap: &StoredSnapshot) -> Result<(), StorageError> {
     let meta = encode(T_SNAP, &snap.meta).map_err(snap_err)?;
     store.snapshot_put(&meta, &snap.data).map_err(snap_err)
@@ -187,8 +195,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             let _guard = self.shared.lock.lock().await;
             let store = self.store.clone();
             blocking(move || {
-                let newer_exists = current_snapshot(&store)?
-                    .is_some_and(|cur| cur.meta.last_log_id > stored.meta.last_log_id);
+                let newer_exists = current_snapshot_meta(&store)?
+                    .is_some_and(|cur| cur.last_log_id > stored.meta.last_log_id);
                 if !newer_exists {
                     save_snapshot(&store, &stored)?;
                 }

@@ -382,36 +382,67 @@ impl Store {
         self.path.with_file_name(name)
     }
 
-    /// The current snapshot, as saved by [`Store::snapshot_put`].
-    pub fn snapshot_get(&self) -> Result<Option<SnapshotFile>, StorageError> {
+    /// Opens the current snapshot file and reads its header and metadata, leaving the file at
+    /// the start of the data.
+    fn snapshot_open(&self) -> Result<Option<(std::fs::File, Vec<u8>)>, StorageError> {
+        use std::io::Read;
         let path = self.snapshot_path();
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| StorageError::DataDir { path, source }
+        };
+        let mut f = match std::fs::File::open(&path) {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(StorageError::DataDir { path, source }),
         };
         let bad = |reason: &str| StorageError::BadSnapshot(format!("{}: {reason}", path.display()));
-        let rest = bytes
-            .strip_prefix(SNAPSHOT_FILE_MAGIC.as_slice())
-            .ok_or_else(|| bad("not a plinth snapshot file"))?;
-        let (&version, rest) = rest.split_first().ok_or_else(|| bad("truncated"))?;
+        let size = f.metadata().map_err(io(&path))?.len();
+        // Magic, version, metadata length.
+        let mut head = [0u8; 13];
+        if size < head.len() as u64 {
+            return Err(bad("truncated"));
+        }
+        f.read_exact(&mut head).map_err(io(&path))?;
+        if head[..4] != SNAPSHOT_FILE_MAGIC[..] {
+            return Err(bad("not a plinth snapshot file"));
+        }
+        let version = head[4];
         if version != SNAPSHOT_FILE_VERSION {
             return Err(bad(&format!(
                 "format version {version}; this build reads {SNAPSHOT_FILE_VERSION}"
             )));
         }
-        let (len, rest) = rest
-            .split_first_chunk::<8>()
-            .ok_or_else(|| bad("truncated"))?;
-        let len = usize::try_from(u64::from_be_bytes(*len)).map_err(|_| bad("bad length"))?;
-        if rest.len() < len {
+        let mut len = [0u8; 8];
+        len.copy_from_slice(&head[5..]);
+        let len = u64::from_be_bytes(len);
+        if len > size - head.len() as u64 {
             return Err(bad("truncated"));
         }
-        let (meta, data) = rest.split_at(len);
-        Ok(Some(SnapshotFile {
-            meta: meta.to_vec(),
-            data: data.to_vec(),
-        }))
+        let len = usize::try_from(len).map_err(|_| bad("bad length"))?;
+        let mut meta = vec![0u8; len];
+        f.read_exact(&mut meta).map_err(io(&path))?;
+        Ok(Some((f, meta)))
+    }
+
+    /// The current snapshot's metadata only (without reading the state it carries).
+    pub fn snapshot_meta(&self) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.snapshot_open()?.map(|(_, meta)| meta))
+    }
+
+    /// The current snapshot, as saved by [`Store::snapshot_put`].
+    pub fn snapshot_get(&self) -> Result<Option<SnapshotFile>, StorageError> {
+        use std::io::Read;
+        let Some((mut f, meta)) = self.snapshot_open()? else {
+            return Ok(None);
+        };
+        let mut data = Vec::new();
+        f.read_to_end(&mut data)
+            .map_err(|source| StorageError::DataDir {
+                path: self.snapshot_path(),
+                source,
+            })?;
+        Ok(Some(SnapshotFile { meta, data }))
     }
 
     /// Replaces the current snapshot: written to a temporary file (0600: the state holds join

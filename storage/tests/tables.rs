@@ -789,6 +789,10 @@ fn t71_snapshot_file_roundtrip_private_and_checked() {
             data: b"state bytes".to_vec()
         })
     );
+    assert_eq!(
+        db.store.snapshot_meta().unwrap(),
+        Some(b"{\"meta\":1}".to_vec())
+    );
     let path = db.store.snapshot_path();
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "the state holds join tokens");
@@ -808,7 +812,16 @@ fn t71_snapshot_file_roundtrip_private_and_checked() {
         db.store.snapshot_get(),
         Err(StorageError::BadSnapshot(_))
     ));
+    assert!(matches!(
+        db.store.snapshot_meta(),
+        Err(StorageError::BadSnapshot(_))
+    ));
     std::fs::write(&path, b"garbage").unwrap();
+    assert!(matches!(
+        db.store.snapshot_get(),
+        Err(StorageError::BadSnapshot(_))
+    ));
+    std::fs::write(&path, b"garbage and then some more").unwrap();
     assert!(matches!(
         db.store.snapshot_get(),
         Err(StorageError::BadSnapshot(_))
