@@ -8,7 +8,7 @@
 //! background sync then completes every append written before it started, so concurrent
 //! writes share an fsync and the leader's fsync overlaps the followers'. The committed index is
 //! written unsynced: Raft does not need it durable (a restarted node learns it again), and it
-//! reaches disk with the state machine's sync that follows every apply.
+//! reaches disk with the next log sync.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -33,6 +33,15 @@ pub struct LogStore {
     flusher: Arc<Flusher>,
     cache: Arc<Mutex<EntryCache>>,
 }
+
+/// Encoded bytes of log entries one AppendEntries carries at most (a single larger entry still
+/// goes alone). openraft 0.9 bounds a message only by a count of entries (300), and after
+/// group proposal an entry can hold 20 KB of commands: a 6 MB message took longer than the
+/// AppendEntries deadline (the heartbeat interval). It also made a new leader slow to commit:
+/// it probes each follower's log halfway through its unpurged log, and every probe carried
+/// 300 entries the follower already had. With this bound a probe stays small and the search
+/// converges in a few quick round trips.
+pub const APPEND_BYTES: usize = 512 * 1024;
 
 /// Bytes of encoded entries the cache holds at most.
 const CACHE_BYTES: usize = 32 * 1024 * 1024;
@@ -74,14 +83,27 @@ impl EntryCache {
 
     /// The entries `start..end`, if every one of them is here.
     fn get(&self, start: u64, end: u64) -> Option<Vec<Entry>> {
+        self.get_limited(start, end, usize::MAX)
+    }
+
+    /// The longest run of entries from `start` (below `end`) whose encoded sizes add up to at
+    /// most `max_bytes`, and at least one entry, if every entry of that run is here.
+    fn get_limited(&self, start: u64, end: u64, max_bytes: usize) -> Option<Vec<Entry>> {
         if start >= end {
             return Some(Vec::new());
         }
-        let found: Vec<Entry> = self
-            .entries
-            .range(start..end)
-            .map(|(_, (e, _))| e.clone())
-            .collect();
+        let mut found = Vec::new();
+        let mut bytes = 0usize;
+        for (expected, (index, (e, size))) in (start..end).zip(self.entries.range(start..end)) {
+            if *index != expected {
+                return None;
+            }
+            bytes = bytes.saturating_add(*size);
+            if bytes > max_bytes && !found.is_empty() {
+                return Some(found);
+            }
+            found.push(e.clone());
+        }
         (found.len() as u64 == end - start).then_some(found)
     }
 }
@@ -226,6 +248,35 @@ impl RaftLogReader<TypeConfig> for LogStore {
             .map(|(_, bytes)| decode::<Entry>(T_LOG, &bytes).map_err(read_err))
             .collect()
     }
+
+    /// Entries from `start` (below `end`) up to [`APPEND_BYTES`] of encoded size, and at least
+    /// one: what openraft puts in one AppendEntries.
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry>, StorageError> {
+        self.read_limited(start, end, APPEND_BYTES)
+    }
+}
+
+impl LogStore {
+    fn read_limited(
+        &self,
+        start: u64,
+        end: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<Entry>, StorageError> {
+        if let Some(hit) = self.cache().get_limited(start, end, max_bytes) {
+            return Ok(hit);
+        }
+        self.store
+            .log_range_limited(start, end, max_bytes)
+            .map_err(read_err)?
+            .into_iter()
+            .map(|(_, bytes)| decode::<Entry>(T_LOG, &bytes).map_err(read_err))
+            .collect()
+    }
 }
 
 impl RaftLogStorage<TypeConfig> for LogStore {
@@ -330,6 +381,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap
 mod tests {
     use openraft::{CommittedLeaderId, EntryPayload};
 
@@ -363,6 +415,74 @@ mod tests {
         // Re-appending an index replaces it without counting it twice.
         c.insert(3, entry(3), 30);
         assert_eq!(c.bytes, 30);
+    }
+
+    #[test]
+    fn the_cache_serves_a_byte_limited_run_of_at_least_one_entry() {
+        let mut c = EntryCache::default();
+        for i in 1..=5 {
+            c.insert(i, entry(i), 10);
+        }
+        assert_eq!(indexes(c.get_limited(2, 6, 25)), Some(vec![2, 3]));
+        assert_eq!(indexes(c.get_limited(2, 6, 30)), Some(vec![2, 3, 4]));
+        assert_eq!(
+            indexes(c.get_limited(2, 6, 5)),
+            Some(vec![2]),
+            "one entry always goes"
+        );
+        assert_eq!(
+            indexes(c.get_limited(4, 9, 1000)),
+            None,
+            "6.. was never appended"
+        );
+        assert_eq!(
+            indexes(c.get_limited(4, 9, 15)),
+            Some(vec![4]),
+            "cut before the gap"
+        );
+        c.remove(3..=3);
+        assert_eq!(
+            indexes(c.get_limited(2, 6, 1000)),
+            None,
+            "a hole is never skipped"
+        );
+        assert_eq!(indexes(c.get_limited(5, 5, 10)), Some(vec![]));
+    }
+
+    /// A limited read is a prefix of the full read, bounded by encoded bytes, whether it is
+    /// served from the cache or from RocksDB.
+    #[test]
+    fn a_limited_read_is_a_byte_bounded_prefix_from_cache_or_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let log = LogStore::new(store.clone());
+        let encoded: Vec<(u64, Vec<u8>)> = (1..=20)
+            .map(|i| (i, encode(T_LOG, &entry(i)).unwrap()))
+            .collect();
+        let size = encoded[0].1.len();
+        store.log_append(encoded.clone()).unwrap();
+        let read = |log: &LogStore, start, end, max| {
+            log.read_limited(start, end, max)
+                .unwrap()
+                .into_iter()
+                .map(|e| e.log_id.index)
+                .collect::<Vec<_>>()
+        };
+        // From RocksDB (the cache is empty).
+        assert_eq!(read(&log, 3, 21, 4 * size), vec![3, 4, 5, 6]);
+        assert_eq!(read(&log, 3, 21, 4 * size + size / 2), vec![3, 4, 5, 6]);
+        assert_eq!(read(&log, 3, 5, 100 * size), vec![3, 4]);
+        assert_eq!(read(&log, 3, 21, 1), vec![3]);
+        assert_eq!(read(&log, 21, 30, 1), Vec::<u64>::new());
+        // From the cache, with the same answers: the entries are gone from RocksDB.
+        for (i, bytes) in &encoded {
+            log.cache().insert(*i, entry(*i), bytes.len());
+        }
+        store.log_truncate_from(1).unwrap();
+        assert_eq!(store.log_range(1, None).unwrap(), vec![]);
+        assert_eq!(read(&log, 3, 21, 4 * size), vec![3, 4, 5, 6]);
+        assert_eq!(read(&log, 3, 5, 100 * size), vec![3, 4]);
+        assert_eq!(read(&log, 3, 21, 1), vec![3]);
     }
 
     #[test]

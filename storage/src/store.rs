@@ -306,6 +306,35 @@ impl Store {
         Ok(out)
     }
 
+    /// Entries from `start` (below `end`) whose encoded sizes add up to at most `max_bytes`,
+    /// and always the first one if it exists: a bounded read for one replication message.
+    pub fn log_range_limited(
+        &self,
+        start: u64,
+        end: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+        let from = u64_key(start);
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for item in self.db.iterator_cf(
+            self.cf(CF_RAFT_LOG)?,
+            IteratorMode::From(&from, Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            let index = key_u64(CF_RAFT_LOG, &k)?;
+            if index >= end {
+                break;
+            }
+            bytes = bytes.saturating_add(v.len());
+            if bytes > max_bytes && !out.is_empty() {
+                break;
+            }
+            out.push((index, v.to_vec()));
+        }
+        Ok(out)
+    }
+
     /// The entry with the highest index, if any.
     pub fn log_last(&self) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
         match self

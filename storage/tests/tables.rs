@@ -116,6 +116,25 @@ fn t10_data_dir_is_private_even_if_it_existed() {
 }
 
 #[test]
+fn t10_a_limited_log_read_stops_at_a_byte_budget_but_returns_at_least_one_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    s.log_append((1..=10).map(|i| (i, vec![i as u8; 100])))
+        .unwrap();
+    let idx = |v: Vec<(u64, Vec<u8>)>| v.into_iter().map(|(i, _)| i).collect::<Vec<_>>();
+    assert_eq!(idx(s.log_range_limited(2, 11, 300).unwrap()), vec![2, 3, 4]);
+    assert_eq!(idx(s.log_range_limited(2, 11, 399).unwrap()), vec![2, 3, 4]);
+    assert_eq!(idx(s.log_range_limited(2, 4, 10_000).unwrap()), vec![2, 3]);
+    assert_eq!(idx(s.log_range_limited(9, 11, 1).unwrap()), vec![9]);
+    assert_eq!(
+        idx(s.log_range_limited(11, 20, 1000).unwrap()),
+        Vec::<u64>::new()
+    );
+    let whole = s.log_range(2, Some(5)).unwrap();
+    assert_eq!(s.log_range_limited(2, 11, 300).unwrap(), whole);
+}
+
+#[test]
 fn t10_raft_log_append_read_truncate_purge_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
     {
