@@ -11,6 +11,7 @@
 // them at every internal helper would only add conversions.
 #![allow(clippy::result_large_err)]
 
+mod election;
 pub mod log_store;
 pub mod network;
 pub mod node;

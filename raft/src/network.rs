@@ -203,10 +203,24 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(&rpc, option.hard_ttl(), |mut c, p| async move {
-            c.append_entries(p).await
-        })
-        .await
+        let started = std::time::Instant::now();
+        let prev = rpc.prev_log_id.map(|l| l.index);
+        let entries = rpc.entries.len();
+        let r = self
+            .call(&rpc, option.hard_ttl(), |mut c, p| async move {
+                c.append_entries(p).await
+            })
+            .await;
+        // For reading a replication timeline (RUST_LOG=plinth_raft::network=trace).
+        tracing::trace!(
+            target = self.target,
+            prev = ?prev,
+            entries,
+            took_us = started.elapsed().as_micros() as u64,
+            result = ?r.as_ref().map_err(|e| e.to_string()),
+            "append_entries"
+        );
+        r
     }
 
     async fn install_snapshot(
@@ -241,6 +255,14 @@ pub(crate) struct RaftGrpc {
     pub(crate) inner: Arc<Inner>,
 }
 
+impl RaftGrpc {
+    /// Records a leader's request as contact for the election watchdog.
+    fn heard(&self, vote: &crate::types::Vote) {
+        let current = self.inner.raft.server_metrics().borrow().vote;
+        self.inner.contact.heard(vote, &current);
+    }
+}
+
 fn reply<T>(value: &T) -> Result<tonic::Response<Payload>, Status>
 where
     T: Serialize,
@@ -255,6 +277,7 @@ impl pb::raft_service_server::RaftService for RaftGrpc {
         request: Request<Payload>,
     ) -> Result<tonic::Response<Payload>, Status> {
         let req: AppendEntriesRequest<TypeConfig> = unpack(request.get_ref())?;
+        self.heard(&req.vote);
         reply(&self.inner.raft.append_entries(req).await)
     }
 
@@ -268,6 +291,7 @@ impl pb::raft_service_server::RaftService for RaftGrpc {
         request: Request<Payload>,
     ) -> Result<tonic::Response<Payload>, Status> {
         let req: InstallSnapshotRequest<TypeConfig> = unpack(request.get_ref())?;
+        self.heard(&req.vote);
         reply(&self.inner.raft.install_snapshot(req).await)
     }
 

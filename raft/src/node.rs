@@ -77,8 +77,8 @@ impl RaftConfig {
     /// The timing is for servers on one LAN (round trips well under 1 ms). openraft 0.9 makes
     /// a follower that has heard from a leader wait its leader lease (`election_timeout_max`)
     /// plus its own election timeout before campaigning, so a follower campaigns only after
-    /// 240-320 ms without any message from the leader, and a dead leader is replaced in about
-    /// 300 ms (docs/benchmarks.md). openraft 0.9 also uses the heartbeat interval as the
+    /// 240-320 ms without any message from the leader (checked every 5 ms, see
+    /// [`crate::election`]), and a dead leader is replaced in about 300 ms (docs/benchmarks.md). openraft 0.9 also uses the heartbeat interval as the
     /// deadline of every AppendEntries: at 30 ms, a follower whose fsync waited behind a
     /// RocksDB flush missed it, the leader resent, and under sustained load writes stalled and
     /// followers started elections; 70 ms replaces a dead leader as fast (measured) with more
@@ -148,12 +148,21 @@ impl RaftConfig {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_after_logs),
             max_in_snapshot_log_to_keep: self.logs_kept_after_snapshot,
             snapshot_max_chunk_size: 1024 * 1024,
+            max_payload_entries: MAX_ENTRIES_PER_APPEND,
             ..Default::default()
         }
         .validate()
         .map_err(|e| NodeError::Config(e.to_string()))
     }
 }
+
+/// Log entries one replication step sends at most (openraft's `max_payload_entries`, 300 by
+/// default); [`crate::log_store::APPEND_BYTES`] bounds their bytes too. A new leader searches
+/// each follower's log for the point where it matches, and every probe of that search carries
+/// this many entries, all of which the follower usually has already: after a heavy load (20 KB
+/// entries) 300 made a new leader send about 6 MB per probe before its first commit. 32 keeps a
+/// probe small; in steady replication a message holds one to three entries, far below it.
+pub const MAX_ENTRIES_PER_APPEND: u64 = 32;
 
 /// Errors of [`RaftNode`]. [`NodeError::is_fatal`] tells which ones mean the node must stop.
 #[derive(Debug, thiserror::Error)]
@@ -230,6 +239,8 @@ pub(crate) struct Inner {
     changes: broadcast::Sender<ChangeEvent>,
     flusher: Arc<crate::log_store::Flusher>,
     proposer: Proposer,
+    /// When this node last heard from its leader (see [`crate::election`]).
+    pub(crate) contact: Arc<crate::election::LeaderContact>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -388,6 +399,8 @@ pub struct RaftNode {
     addr: SocketAddr,
     stop_server: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+    /// The election watchdog ([`crate::election`]).
+    watchdog: tokio::task::AbortHandle,
 }
 
 impl RaftNode {
@@ -425,6 +438,14 @@ impl RaftNode {
         let addr = listener.local_addr().map_err(listen_err)?;
 
         let proposer = Proposer::new(raft.clone());
+        let contact = Arc::new(crate::election::LeaderContact::new());
+        let watchdog = tokio::spawn(crate::election::watch(
+            raft.clone(),
+            contact.clone(),
+            config.election_timeout_min,
+            config.election_timeout_max,
+        ))
+        .abort_handle();
         let inner = Arc::new(Inner {
             id: config.node_id,
             raft,
@@ -433,6 +454,7 @@ impl RaftNode {
             changes,
             flusher,
             proposer,
+            contact,
         });
         let service = RaftServiceServer::new(RaftGrpc {
             inner: inner.clone(),
@@ -471,6 +493,7 @@ impl RaftNode {
             addr,
             stop_server: Some(stop_tx),
             server: Some(server),
+            watchdog,
         })
     }
 
@@ -708,6 +731,7 @@ impl RaftNode {
 
     /// Stops Raft and the peer API, and closes the store.
     pub async fn shutdown(mut self) -> Result<(), NodeError> {
+        self.watchdog.abort();
         let raft = self.inner.raft.clone();
         raft.shutdown()
             .await

@@ -215,6 +215,61 @@ async fn t20_leader_loss_new_leader_commits_and_no_acknowledged_write_is_lost() 
     }
 }
 
+/// The election watchdog (`raft/src/election.rs`) alone: with openraft's own tick elections
+/// turned off on every node, a healthy leader keeps its term (the watchdog hears it), and when
+/// the leader is lost a survivor campaigns (the watchdog), and a new leader takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t25_the_election_watchdog_keeps_a_live_leader_and_replaces_a_dead_one() {
+    let mut c = Cluster::start(3).await;
+    let leader = c.wait_leader().await;
+    for n in c.running() {
+        n.raft().runtime_config().elect(false);
+    }
+    let term = |c: &Cluster, id: u64| c.node(id).raft().metrics().borrow().current_term;
+    let before = term(&c, leader);
+    // Idle, then writing: several times the watchdog's longest deadline (1.2 s here).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for n in 0..20 {
+        c.write(leader, create(n)).await;
+    }
+    for id in 1..=3 {
+        assert_eq!(
+            term(&c, id),
+            before,
+            "node {id} saw an election under a live leader"
+        );
+        assert_eq!(
+            c.node(id).raft().metrics().borrow().current_leader,
+            Some(leader)
+        );
+    }
+    c.stop(leader).await;
+    let survivors: Vec<u64> = (1..=3).filter(|i| *i != leader).collect();
+    // Only the watchdog can start a campaign now: some survivor's term goes up.
+    let mut campaigned = false;
+    for _ in 0..100 {
+        if survivors.iter().any(|id| term(&c, *id) > before) {
+            campaigned = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        campaigned,
+        "no survivor campaigned after its leader stopped"
+    );
+    // Let openraft settle a split vote, if the two survivors campaigned at the same moment.
+    for n in c.running() {
+        n.raft().runtime_config().elect(true);
+    }
+    let new_leader = c.wait_leader().await;
+    assert_ne!(new_leader, leader);
+    created(c.write(survivors[0], create(100)).await);
+    for node in c.nodes.into_iter().flatten() {
+        node.shutdown().await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t30_restarted_node_catches_up_from_its_store() {
     let mut c = Cluster::start(3).await;

@@ -67,6 +67,24 @@ struct Args {
     /// Where the data directories go (on the disk under test; not a tmpfs).
     #[arg(long, default_value = "/var/tmp")]
     work_dir: PathBuf,
+    /// Keep the work directory (data and each server's log) after the run, and print its path.
+    #[arg(long)]
+    keep_work_dir: bool,
+}
+
+/// The run's directory: removed at the end unless `--keep-work-dir`.
+enum WorkDir {
+    Temp(tempfile::TempDir),
+    Kept(PathBuf),
+}
+
+impl WorkDir {
+    fn path(&self) -> &std::path::Path {
+        match self {
+            WorkDir::Temp(t) => t.path(),
+            WorkDir::Kept(p) => p,
+        }
+    }
 }
 
 /// One client's connection to one system.
@@ -201,6 +219,14 @@ async fn main() -> anyhow::Result<()> {
         .prefix("raft-bench-")
         .tempdir_in(&args.work_dir)
         .context("creating the work directory")?;
+    // Kept directories are left for the reader: the servers' logs are in plinth/n*/server.log.
+    let dir = if args.keep_work_dir {
+        let path = dir.keep();
+        println!("work directory (kept): {}", path.display());
+        WorkDir::Kept(path)
+    } else {
+        WorkDir::Temp(dir)
+    };
     let timing = plinth::Timing {
         election_min_ms: args.election_min_ms,
         election_max_ms: args.election_max_ms,
@@ -211,6 +237,7 @@ async fn main() -> anyhow::Result<()> {
 
     eprintln!("starting plinth (3 processes) and etcd (3 members) ...");
     let mut pc = plinth::Cluster::start(&plinth_bin, &dir.path().join("plinth"), timing).await?;
+    pc.verbose = args.keep_work_dir;
     let ec = if args.no_etcd {
         None
     } else {

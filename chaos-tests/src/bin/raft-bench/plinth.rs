@@ -50,6 +50,24 @@ impl Node {
 pub struct Cluster {
     bin: PathBuf,
     nodes: Vec<Node>,
+    /// Print each failover trial's kill and first commit as UTC times, to line up with the
+    /// servers' logs.
+    pub verbose: bool,
+}
+
+/// The time of day in UTC (HH:MM:SS.ffffff), as the servers' logs print it.
+fn now_utc() -> String {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let s = since.as_secs() % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{:06}",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        since.subsec_micros()
+    )
 }
 
 /// Connects to a server's admin socket.
@@ -136,6 +154,7 @@ keys_path = "{d}/keys"
         let mut c = Self {
             bin: bin.to_owned(),
             nodes,
+            verbose: false,
         };
         c.spawn(1)?;
         let s1 = c.socket(1);
@@ -222,13 +241,20 @@ keys_path = "{d}/keys"
             .await
             .map_err(|e| anyhow::anyhow!("write before the kill: {e}"))?;
         let killed = Instant::now();
+        if self.verbose {
+            println!("  trial {trial}: killing node {leader} at {}", now_utc());
+        }
         if let Some(p) = self.nodes[(leader - 1) as usize].proc.as_mut() {
             p.kill9();
         }
         let mut seq = 1;
         let took = loop {
             if w.write(seq).await.is_ok() {
-                break killed.elapsed();
+                let took = killed.elapsed();
+                if self.verbose {
+                    println!("  trial {trial}: write committed at {}", now_utc());
+                }
+                break took;
             }
             seq += 1;
             if killed.elapsed() > WAIT_LIMIT {
