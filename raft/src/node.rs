@@ -241,6 +241,41 @@ pub(crate) struct Inner {
     proposer: Proposer,
     /// When this node last heard from its leader (see [`crate::election`]).
     pub(crate) contact: Arc<crate::election::LeaderContact>,
+    /// Connections for forwarded writes, reads and membership changes.
+    peers: PeerClients,
+}
+
+/// One client connection per peer for forwarding, opened on first use and kept: before, each
+/// forwarded write dialed the leader afresh (a TCP and, between servers, an mTLS handshake per
+/// write). A tonic channel reconnects by itself after the peer restarts; a peer whose address
+/// changed in the membership gets a new one.
+#[derive(Debug, Default)]
+struct PeerClients {
+    clients: std::sync::Mutex<std::collections::HashMap<NodeId, (String, PeerClient)>>,
+}
+
+type PeerClient = RaftServiceClient<tonic::transport::Channel>;
+
+impl PeerClients {
+    fn get(
+        &self,
+        node: NodeId,
+        addr: &str,
+        connect: impl FnOnce(&str) -> Result<PeerClient, String>,
+    ) -> Result<PeerClient, String> {
+        let mut clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((known, client)) = clients.get(&node) {
+            if known == addr {
+                return Ok(client.clone());
+            }
+        }
+        let client = connect(addr)?;
+        clients.insert(node, (addr.to_owned(), client.clone()));
+        Ok(client)
+    }
 }
 
 impl std::fmt::Debug for Inner {
@@ -360,7 +395,10 @@ impl Inner {
             .get_node(&node)
             .map(|n| n.addr.clone())
             .ok_or(NodeError::NoLeader)?;
-        connect(&addr, self.config.tls.as_ref().map(|t| &t.client))
+        self.peers
+            .get(node, &addr, |addr| {
+                connect(addr, self.config.tls.as_ref().map(|t| &t.client))
+            })
             .map_err(|reason| NodeError::Unreachable { node, reason })
     }
 }
@@ -455,6 +493,7 @@ impl RaftNode {
             flusher,
             proposer,
             contact,
+            peers: PeerClients::default(),
         });
         let service = RaftServiceServer::new(RaftGrpc {
             inner: inner.clone(),
@@ -760,4 +799,31 @@ async fn forward_status(addr: &str, tls: Option<&Arc<rustls::ClientConfig>>) -> 
         .ok()?
         .ok()?;
     unpack(reply.get_ref()).ok()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_forwarding_connection_is_reused_until_the_peer_moves() {
+        let peers = PeerClients::default();
+        let dials = std::cell::Cell::new(0);
+        let dial = |addr: &str| {
+            dials.set(dials.get() + 1);
+            connect(addr, None)
+        };
+        peers.get(2, "127.0.0.2:7001", dial).unwrap();
+        peers.get(2, "127.0.0.2:7001", dial).unwrap();
+        peers.get(3, "127.0.0.3:7001", dial).unwrap();
+        assert_eq!(dials.get(), 2, "one connection per peer");
+        peers.get(2, "127.0.0.9:7001", dial).unwrap();
+        assert_eq!(dials.get(), 3, "a moved peer is dialed at its new address");
+        peers.get(2, "127.0.0.9:7001", dial).unwrap();
+        assert_eq!(dials.get(), 3);
+        let failed = peers.get(4, "not an address", |_| Err("bad".into()));
+        assert!(failed.is_err());
+        assert!(!peers.clients.lock().unwrap().contains_key(&4));
+    }
 }

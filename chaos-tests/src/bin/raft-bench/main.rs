@@ -67,6 +67,10 @@ struct Args {
     /// Where the data directories go (on the disk under test; not a tmpfs).
     #[arg(long, default_value = "/var/tmp")]
     work_dir: PathBuf,
+    /// Send plinth's writes to a follower, which forwards each to the leader (etcd's clients
+    /// still talk to its leader).
+    #[arg(long)]
+    via_follower: bool,
     /// Keep the work directory (data and each server's log) after the run, and print its path.
     #[arg(long)]
     keep_work_dir: bool,
@@ -256,10 +260,15 @@ async fn main() -> anyhow::Result<()> {
             // Unique per cell, so no two cells write the same keys.
             let cell = r * cells + i;
             let leader = pc.leader().await?;
+            let target = if args.via_follower {
+                pc.follower_of(leader)?
+            } else {
+                leader
+            };
             let mut clients = Vec::new();
             for c in 0..n {
                 let w =
-                    plinth::Writer::connect(&pc.socket(leader), cell, c, args.value_size).await?;
+                    plinth::Writer::connect(&pc.socket(target), cell, c, args.value_size).await?;
                 clients.push(Client::Plinth(w));
             }
             let before = pc.applied_index(leader).await?;

@@ -228,14 +228,18 @@ keys_path = "{d}/keys"
 
     /// kill -9 the leader; time until a write through a survivor is acknowledged. Then restart
     /// the killed server and wait until it has caught up.
-    pub async fn failover_trial(&mut self, trial: usize) -> anyhow::Result<Duration> {
-        let leader = self.leader().await?;
-        let survivor = self
-            .nodes
+    /// A server other than `leader`.
+    pub fn follower_of(&self, leader: u64) -> anyhow::Result<u64> {
+        self.nodes
             .iter()
             .map(|n| n.id)
             .find(|id| *id != leader)
-            .context("no survivor")?;
+            .context("no follower")
+    }
+
+    pub async fn failover_trial(&mut self, trial: usize) -> anyhow::Result<Duration> {
+        let leader = self.leader().await?;
+        let survivor = self.follower_of(leader)?;
         let mut w = Writer::connect(&self.socket(survivor), 1000 + trial, 0, 300).await?;
         w.write(0)
             .await
