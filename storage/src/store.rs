@@ -508,7 +508,11 @@ impl Store {
                 .and_then(|d| d.sync_all())
                 .map_err(err(dir))?;
         }
-        self.sync()
+        self.sync()?;
+        // A snapshot an earlier build saved inside the database is superseded by the file and
+        // would only waste space (it is read only while no file exists).
+        self.db.delete_cf(self.cf(CF_SNAPSHOT)?, SNAPSHOT_CURRENT)?;
+        Ok(())
     }
 
     /// A snapshot saved inside the database by builds before snapshot files (read once after
@@ -814,4 +818,25 @@ fn parse_snapshot(data: &[u8]) -> Result<Vec<Record<'_>>, StorageError> {
         out.push((usize::from(table_index), k, v));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_snapshot_file_removes_a_snapshot_saved_in_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .db
+            .put_cf(store.cf(CF_SNAPSHOT).unwrap(), SNAPSHOT_CURRENT, b"old")
+            .unwrap();
+        assert_eq!(store.legacy_snapshot_get().unwrap(), Some(b"old".to_vec()));
+        store.snapshot_put(b"meta", b"data").unwrap();
+        assert_eq!(store.legacy_snapshot_get().unwrap(), None);
+        let file = store.snapshot_get().unwrap().unwrap();
+        assert_eq!((file.meta, file.data), (b"meta".to_vec(), b"data".to_vec()));
+    }
 }
