@@ -77,9 +77,10 @@ impl RaftConfig {
     /// The timing is for servers on one LAN (round trips well under 1 ms). openraft 0.9 makes
     /// a follower that has heard from a leader wait its leader lease (`election_timeout_max`)
     /// plus its own election timeout before campaigning, so a follower campaigns only after
-    /// 240-320 ms without any message from the leader (checked every 5 ms, see
-    /// [`crate::election`]), and a dead leader is replaced in about 300 ms (docs/benchmarks.md). openraft 0.9 also uses the heartbeat interval as the
-    /// deadline of every AppendEntries: at 30 ms, a follower whose fsync waited behind a
+    /// 240-320 ms without any message from the leader (checked every 5 ms by the
+    /// election watchdog, `raft/src/election.rs`), and a dead leader is replaced in about 300 ms
+    /// (docs/benchmarks.md). openraft 0.9 also uses the heartbeat interval as the deadline of
+    /// every AppendEntries: at 30 ms, a follower whose fsync waited behind a
     /// RocksDB flush missed it, the leader resent, and under sustained load writes stalled and
     /// followers started elections; 70 ms replaces a dead leader as fast (measured) with more
     /// than twice the margin. Across sites with tens of ms of round trip, raise all three
