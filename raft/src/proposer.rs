@@ -111,7 +111,16 @@ impl Proposer {
                 let _slot = Slot {
                     proposer: self.clone(),
                 };
-                propose_one(&self.raft, *command).await
+                let started = std::time::Instant::now();
+                tracing::trace!("proposal start");
+                let r = propose_one(&self.raft, *command).await;
+                // With the AppendEntries line in `network`, a write's timeline
+                // (RUST_LOG=plinth_raft=trace).
+                tracing::trace!(
+                    took_us = started.elapsed().as_micros() as u64,
+                    "proposal done"
+                );
+                r
             }
         }
     }

@@ -44,6 +44,8 @@ struct Cluster {
     addrs: Vec<SocketAddr>,
     nodes: Vec<Option<RaftNode>>,
     snapshot_after_logs: u64,
+    /// Election timeout (min, max) in ms, if not `config`'s.
+    election_ms: Option<(u64, u64)>,
 }
 
 impl Cluster {
@@ -52,12 +54,17 @@ impl Cluster {
     }
 
     async fn start_with(n: u64, snapshot_after_logs: u64) -> Self {
+        Self::start_full(n, snapshot_after_logs, None).await
+    }
+
+    async fn start_full(n: u64, snapshot_after_logs: u64, election_ms: Option<(u64, u64)>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut c = Cluster {
             dir,
             addrs: Vec::new(),
             nodes: Vec::new(),
             snapshot_after_logs,
+            election_ms,
         };
         for id in 1..=n {
             c.addrs.push(free_addr());
@@ -82,6 +89,10 @@ impl Cluster {
     async fn launch(&self, id: u64) -> RaftNode {
         let mut cfg = config(id, self.addrs[(id - 1) as usize], self.dir.path());
         cfg.snapshot_after_logs = self.snapshot_after_logs;
+        if let Some((min, max)) = self.election_ms {
+            cfg.election_timeout_min = Duration::from_millis(min);
+            cfg.election_timeout_max = Duration::from_millis(max);
+        }
         RaftNode::start(cfg).await.unwrap()
     }
 
@@ -220,15 +231,17 @@ async fn t20_leader_loss_new_leader_commits_and_no_acknowledged_write_is_lost() 
 /// the leader is lost a survivor campaigns (the watchdog), and a new leader takes over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t25_the_election_watchdog_keeps_a_live_leader_and_replaces_a_dead_one() {
-    let mut c = Cluster::start(3).await;
+    // A 1.8-2.4 s campaign deadline, so that only a stall of that length on a loaded test
+    // machine (not the watchdog) could change the term while the leader is alive.
+    let mut c = Cluster::start_full(3, 10_000, Some((600, 1200))).await;
     let leader = c.wait_leader().await;
     for n in c.running() {
         n.raft().runtime_config().elect(false);
     }
     let term = |c: &Cluster, id: u64| c.node(id).raft().metrics().borrow().current_term;
     let before = term(&c, leader);
-    // Idle, then writing: several times the watchdog's longest deadline (1.2 s here).
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Idle, then writing: longer than the watchdog's longest deadline (2.4 s here).
+    tokio::time::sleep(Duration::from_millis(3000)).await;
     for n in 0..20 {
         c.write(leader, create(n)).await;
     }
@@ -247,7 +260,7 @@ async fn t25_the_election_watchdog_keeps_a_live_leader_and_replaces_a_dead_one()
     let survivors: Vec<u64> = (1..=3).filter(|i| *i != leader).collect();
     // Only the watchdog can start a campaign now: some survivor's term goes up.
     let mut campaigned = false;
-    for _ in 0..100 {
+    for _ in 0..200 {
         if survivors.iter().any(|id| term(&c, *id) > before) {
             campaigned = true;
             break;
