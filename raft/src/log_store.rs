@@ -6,7 +6,9 @@
 //! toward a commit or answer a leader) only after an fsync that covers them. Appends use group
 //! commit: each is written to RocksDB's write-ahead log unsynced and returns at once, and one
 //! background sync then completes every append written before it started, so concurrent
-//! writes share an fsync and the leader's fsync overlaps the followers'. The committed index is
+//! writes share an fsync. (It does not make the leader's fsync overlap the followers': openraft
+//! 0.9's Raft core waits for the leader's append callback before it replicates the entries; see
+//! docs/benchmarks.md.) The committed index is
 //! written unsynced: Raft does not need it durable (a restarted node learns it again), and it
 //! reaches disk with the next log sync.
 
@@ -256,6 +258,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         start: u64,
         end: u64,
     ) -> Result<Vec<Entry>, StorageError> {
+        tracing::trace!(start, end, "log read for replication");
         self.read_limited(start, end, APPEND_BYTES)
     }
 }
@@ -351,6 +354,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 }
                 drop(cache);
                 self.flusher.submit(&self.store, callback);
+                // With the replication and proposer lines, a write's timeline
+                // (RUST_LOG=plinth_raft=trace, docs/benchmarks.md).
+                tracing::trace!("log append written");
                 Ok(())
             }
             Err(e) => {

@@ -206,6 +206,7 @@ impl RaftNetwork<TypeConfig> for Peer {
         let started = std::time::Instant::now();
         let prev = rpc.prev_log_id.map(|l| l.index);
         let entries = rpc.entries.len();
+        tracing::trace!(target = self.target, entries, "append_entries send");
         let r = self
             .call(&rpc, option.hard_ttl(), |mut c, p| async move {
                 c.append_entries(p).await
