@@ -106,12 +106,19 @@ pub(crate) async fn watch(
 ) {
     let metrics = raft.server_metrics();
     let mut limit = deadline(min, max);
+    // The timeout is drawn anew for each leader, so that two followers whose draws happened to
+    // be close (and split the vote once) do not stay close for every later failover.
+    let mut leader_seen = None;
     let mut tick = tokio::time::interval(CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let campaign = {
             let m = metrics.borrow();
+            if m.current_leader != leader_seen {
+                leader_seen = m.current_leader;
+                limit = deadline(min, max);
+            }
             let is_voter = m
                 .membership_config
                 .membership()
