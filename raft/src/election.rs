@@ -159,55 +159,33 @@ mod tests {
 
     #[test]
     fn only_a_voting_follower_that_lost_its_leader_campaigns() {
+        use ServerState::{Candidate, Follower, Leader, Learner};
         let d = MS(300);
-        assert!(should_campaign(
-            2,
-            ServerState::Follower,
-            Some(1),
-            true,
-            MS(300),
-            d
-        ));
-        assert!(
-            !should_campaign(2, ServerState::Follower, Some(1), true, MS(299), d),
-            "too early"
-        );
-        assert!(
-            !should_campaign(2, ServerState::Follower, None, true, MS(900), d),
-            "no leader known: openraft's timer"
-        );
-        assert!(
-            !should_campaign(2, ServerState::Candidate, Some(1), true, MS(900), d),
-            "already campaigning"
-        );
-        assert!(!should_campaign(
-            2,
-            ServerState::Leader,
-            Some(2),
-            true,
-            MS(900),
-            d
-        ));
-        assert!(!should_campaign(
-            2,
-            ServerState::Learner,
-            Some(1),
-            false,
-            MS(900),
-            d
-        ));
-        assert!(
-            !should_campaign(2, ServerState::Follower, Some(1), false, MS(900), d),
-            "not a voter"
-        );
-        assert!(!should_campaign(
-            2,
-            ServerState::Follower,
-            Some(2),
-            true,
-            MS(900),
-            d
-        ));
+        // (state, leader seen, voter, silence, campaigns, why); this node is 2.
+        let cases = [
+            (Follower, Some(1), true, 300, true, "the deadline passed"),
+            (Follower, Some(1), true, 299, false, "too early"),
+            (
+                Follower,
+                None,
+                true,
+                900,
+                false,
+                "no leader known: openraft's timer",
+            ),
+            (Candidate, Some(1), true, 900, false, "already campaigning"),
+            (Leader, Some(2), true, 900, false, "the leader itself"),
+            (Learner, Some(1), false, 900, false, "a learner"),
+            (Follower, Some(1), false, 900, false, "not a voter"),
+            (Follower, Some(2), true, 900, false, "sees itself as leader"),
+        ];
+        for (state, leader, voter, silence, want, why) in cases {
+            assert_eq!(
+                should_campaign(2, state, leader, voter, MS(silence), d),
+                want,
+                "{why}"
+            );
+        }
     }
 
     #[test]

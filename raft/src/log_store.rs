@@ -215,6 +215,13 @@ impl LogStore {
     }
 }
 
+/// Decodes log rows read from RocksDB.
+fn decode_entries(rows: Vec<(u64, Vec<u8>)>) -> Result<Vec<Entry>, StorageError> {
+    rows.into_iter()
+        .map(|(_, bytes)| decode::<Entry>(T_LOG, &bytes).map_err(read_err))
+        .collect()
+}
+
 fn read_err(e: impl std::error::Error + 'static) -> StorageError {
     StorageIOError::read_logs(AnyError::new(&e)).into()
 }
@@ -243,12 +250,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
                 return Ok(hit);
             }
         }
-        self.store
-            .log_range(start, end)
-            .map_err(read_err)?
-            .into_iter()
-            .map(|(_, bytes)| decode::<Entry>(T_LOG, &bytes).map_err(read_err))
-            .collect()
+        decode_entries(self.store.log_range(start, end).map_err(read_err)?)
     }
 
     /// Entries from `start` (below `end`) up to [`APPEND_BYTES`] of encoded size, and at least
@@ -273,12 +275,11 @@ impl LogStore {
         if let Some(hit) = self.cache().get_limited(start, end, max_bytes) {
             return Ok(hit);
         }
-        self.store
-            .log_range_limited(start, end, max_bytes)
-            .map_err(read_err)?
-            .into_iter()
-            .map(|(_, bytes)| decode::<Entry>(T_LOG, &bytes).map_err(read_err))
-            .collect()
+        decode_entries(
+            self.store
+                .log_range_limited(start, end, max_bytes)
+                .map_err(read_err)?,
+        )
     }
 }
 

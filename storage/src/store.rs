@@ -290,20 +290,7 @@ impl Store {
         start: u64,
         end: Option<u64>,
     ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
-        let from = u64_key(start);
-        let mut out = Vec::new();
-        for item in self.db.iterator_cf(
-            self.cf(CF_RAFT_LOG)?,
-            IteratorMode::From(&from, Direction::Forward),
-        ) {
-            let (k, v) = item?;
-            let index = key_u64(CF_RAFT_LOG, &k)?;
-            if end.is_some_and(|end| index >= end) {
-                break;
-            }
-            out.push((index, v.to_vec()));
-        }
-        Ok(out)
+        self.log_scan(start, end, usize::MAX)
     }
 
     /// Entries from `start` (below `end`) whose encoded sizes add up to at most `max_bytes`,
@@ -312,6 +299,17 @@ impl Store {
         &self,
         start: u64,
         end: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+        self.log_scan(start, Some(end), max_bytes)
+    }
+
+    /// Entries from `start` (below `end`, if given), stopping before the one that would take
+    /// their sizes past `max_bytes` unless it is the first.
+    fn log_scan(
+        &self,
+        start: u64,
+        end: Option<u64>,
         max_bytes: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
         let from = u64_key(start);
@@ -323,7 +321,7 @@ impl Store {
         ) {
             let (k, v) = item?;
             let index = key_u64(CF_RAFT_LOG, &k)?;
-            if index >= end {
+            if end.is_some_and(|end| index >= end) {
                 break;
             }
             bytes = bytes.saturating_add(v.len());
