@@ -76,21 +76,6 @@ struct Args {
     keep_work_dir: bool,
 }
 
-/// The run's directory: removed at the end unless `--keep-work-dir`.
-enum WorkDir {
-    Temp(tempfile::TempDir),
-    Kept(PathBuf),
-}
-
-impl WorkDir {
-    fn path(&self) -> &std::path::Path {
-        match self {
-            WorkDir::Temp(t) => t.path(),
-            WorkDir::Kept(p) => p,
-        }
-    }
-}
-
 /// One client's connection to one system.
 #[derive(Debug)]
 enum Client {
@@ -219,18 +204,15 @@ async fn main() -> anyhow::Result<()> {
     );
     std::fs::create_dir_all(&args.work_dir)
         .with_context(|| format!("creating {}", args.work_dir.display()))?;
-    let dir = tempfile::Builder::new()
+    let mut dir = tempfile::Builder::new()
         .prefix("raft-bench-")
         .tempdir_in(&args.work_dir)
         .context("creating the work directory")?;
     // Kept directories are left for the reader: the servers' logs are in plinth/n*/server.log.
-    let dir = if args.keep_work_dir {
-        let path = dir.keep();
-        println!("work directory (kept): {}", path.display());
-        WorkDir::Kept(path)
-    } else {
-        WorkDir::Temp(dir)
-    };
+    if args.keep_work_dir {
+        dir.disable_cleanup(true);
+        println!("work directory (kept): {}", dir.path().display());
+    }
     let timing = plinth::Timing {
         election_min_ms: args.election_min_ms,
         election_max_ms: args.election_max_ms,
