@@ -3,8 +3,11 @@
 //!
 //! One [`Syncer`] lives as long as the agent; each connection to a server is one *session*
 //! ([`Syncer::run_session`]). What the syncer knows (the entries, which SVID was issued for
-//! which entry settings, when to rotate) outlives sessions, so a reconnect that brings the same
-//! full set again costs no new SVIDs.
+//! which entry settings, when to rotate) outlives sessions. A new session resumes: it tells the
+//! server which entries it holds at which revisions and gets only what changed (after a server
+//! failover every agent reconnects at once, and 100 000 entries are about 20 MB each), and
+//! unchanged entries cost no new SVIDs. A large update arrives in parts of about 1 MiB and is
+//! applied once whole.
 //!
 //! ## Which entries this agent serves
 //! The server sends every entry reachable from the agent: parented to the agent, to a node alias
@@ -54,9 +57,13 @@ pub const SVID_BATCHES_IN_FLIGHT: usize = 4;
 pub const RETRY_AFTER: Duration = Duration::from_secs(5);
 /// How long one SVID batch may take.
 pub const BATCH_TIMEOUT: Duration = Duration::from_secs(60);
-/// Largest entry-stream message accepted. The server sends the whole authorized set in its first
-/// message (about 200 bytes an entry: 100 000 entries are about 20 MB).
-pub const MAX_SYNC_MESSAGE_LEN: usize = 256 * 1024 * 1024;
+/// Largest entry-stream message accepted. The server splits a large update (a full set of
+/// 100 000 entries is about 20 MB) into parts of about 1 MiB; what else a part carries is the
+/// trust bundle and the federated bundles.
+pub const MAX_SYNC_MESSAGE_LEN: usize = 32 * 1024 * 1024;
+/// Most held entries reported to the server when a session resumes (the server's bound); an
+/// agent holding more asks for a full set.
+pub const MAX_KNOWN_SENT: usize = 1_000_000;
 /// SVIDs are renewed at a random point between this fraction of their lifetime and half of it.
 pub const ROTATE_EARLIEST: f64 = 0.4;
 
@@ -295,6 +302,10 @@ pub struct Syncer {
     issued: BTreeMap<String, Issued>,
     /// Entries whose SVID could not be had, and when to try again.
     retry: BTreeMap<String, OffsetDateTime>,
+    /// The revision of the last whole update of the entry stream applied (in this or an
+    /// earlier session): `entries` is then what the server last sent, and a new session can
+    /// resume from it.
+    synced: Option<u64>,
 }
 
 impl Syncer {
@@ -319,6 +330,7 @@ impl Syncer {
             last_sync_success: Arc::new(AtomicI64::new(0)),
             issued: BTreeMap::new(),
             retry: BTreeMap::new(),
+            synced: None,
         }
     }
 
@@ -352,7 +364,7 @@ impl Syncer {
 
     /// Follows the server's entry stream over `channel` as `agent_id` until the connection fails,
     /// the server refuses the agent, or `renew_at` comes (the agent SVID must be renewed).
-    /// `on_first` runs once the first message has been applied.
+    /// `on_first` runs once the first update (all its parts) has been applied.
     pub async fn run_session(
         &mut self,
         channel: Channel,
@@ -360,16 +372,23 @@ impl Syncer {
         renew_at: OffsetDateTime,
         mut on_first: impl FnMut(),
     ) -> Result<SessionEnd, SyncError> {
+        let request = self.resume_request();
+        if !request.known.is_empty() {
+            tracing::info!(
+                known = request.known.len(),
+                revision = request.from_revision,
+                "resuming the entry stream from the entries held"
+            );
+        }
         let mut stream = EntryServiceClient::new(channel.clone())
             .max_decoding_message_size(MAX_SYNC_MESSAGE_LEN)
-            .sync_authorized_entries(pb::SyncAuthorizedEntriesRequest {
-                from_revision: 0,
-                ..Default::default()
-            })
+            .sync_authorized_entries(request)
             .await
             .map_err(|s| status_err("opening the entry stream", s))?
             .into_inner();
         let mut first = true;
+        // The parts of an update received so far (`more` set on each).
+        let mut partial: Option<pb::SyncAuthorizedEntriesResponse> = None;
         let usage = self.cache.usage().clone();
         loop {
             let now = OffsetDateTime::now_utc();
@@ -383,7 +402,18 @@ impl Syncer {
                     let msg = msg
                         .map_err(|s| status_err("entry stream", s))?
                         .ok_or_else(|| SyncError::Unavailable("the server ended the entry stream".into()))?;
+                    let more = msg.more;
+                    let msg = match partial.take() {
+                        Some(head) => join_parts(head, msg),
+                        None => msg,
+                    };
+                    if more {
+                        partial = Some(msg);
+                        continue;
+                    }
+                    let revision = msg.revision;
                     self.apply(&channel, agent_id, msg).await?;
+                    self.synced = Some(revision);
                     if first {
                         first = false;
                         on_first();
@@ -414,7 +444,30 @@ impl Syncer {
         }
     }
 
-    /// Applies one message of the entry stream.
+    /// What a new session asks for: after a whole update, the difference from the entries held
+    /// (the server answers with what changed); before one, or holding more than the server
+    /// takes, a full set.
+    fn resume_request(&self) -> pb::SyncAuthorizedEntriesRequest {
+        let Some(revision) = self.synced else {
+            return pb::SyncAuthorizedEntriesRequest::default();
+        };
+        if self.entries.len() > MAX_KNOWN_SENT {
+            return pb::SyncAuthorizedEntriesRequest::default();
+        }
+        pb::SyncAuthorizedEntriesRequest {
+            from_revision: revision,
+            known: self
+                .entries
+                .values()
+                .map(|e| pb::EntryRevision {
+                    id: e.id.clone(),
+                    revision: e.revision,
+                })
+                .collect(),
+        }
+    }
+
+    /// Applies one whole update of the entry stream (its parts joined).
     async fn apply(
         &mut self,
         channel: &Channel,
@@ -706,6 +759,26 @@ impl Syncer {
     }
 }
 
+/// Adds the next part of an update to the parts received before it.
+fn join_parts(
+    mut head: pb::SyncAuthorizedEntriesResponse,
+    part: pb::SyncAuthorizedEntriesResponse,
+) -> pb::SyncAuthorizedEntriesResponse {
+    head.full |= part.full;
+    head.revision = part.revision;
+    head.more = part.more;
+    head.upserted.extend(part.upserted);
+    head.deleted_ids.extend(part.deleted_ids);
+    if part.bundle.is_some() {
+        head.bundle = part.bundle;
+    }
+    if part.federated_bundles_changed || !part.federated_bundles.is_empty() {
+        head.federated_bundles = part.federated_bundles;
+        head.federated_bundles_changed = true;
+    }
+    head
+}
+
 /// A fresh workload key and a CSR (DER) for it.
 type KeyAndCsr = (Arc<PrivateKey>, Vec<u8>);
 
@@ -865,6 +938,54 @@ mod tests {
                 .collect(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn parts_of_an_update_join_into_the_whole_update() {
+        let bundle = pb::Bundle {
+            trust_domain: "example.org".into(),
+            sequence_number: 3,
+            ..Default::default()
+        };
+        let fed = pb::Bundle {
+            trust_domain: "partner.org".into(),
+            ..Default::default()
+        };
+        let part = |ids: &[&str], gone: &[&str], first: bool, more: bool| {
+            pb::SyncAuthorizedEntriesResponse {
+                full: true,
+                revision: 9,
+                upserted: ids
+                    .iter()
+                    .map(|i| e(i, "spiffe://example.org/w", "p", &[]))
+                    .collect(),
+                deleted_ids: gone.iter().map(|g| (*g).to_owned()).collect(),
+                bundle: first.then(|| bundle.clone()),
+                federated_bundles: if first { vec![fed.clone()] } else { vec![] },
+                federated_bundles_changed: first,
+                more,
+            }
+        };
+        let whole = [
+            part(&["a", "b"], &[], true, true),
+            part(&["c"], &["x"], false, true),
+            part(&[], &["y"], false, false),
+        ]
+        .into_iter()
+        .reduce(join_parts)
+        .unwrap();
+        let ids: Vec<&str> = whole.upserted.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+        assert_eq!(whole.deleted_ids, ["x", "y"]);
+        assert!(whole.full && !whole.more);
+        assert_eq!(whole.revision, 9);
+        assert_eq!(
+            whole.bundle,
+            Some(bundle),
+            "later parts do not drop the bundle"
+        );
+        assert_eq!(whole.federated_bundles, vec![fed]);
+        assert!(whole.federated_bundles_changed);
     }
 
     #[test]

@@ -507,3 +507,91 @@ async fn t91_cached_svids_survive_a_server_outage_and_an_agent_restart() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t93_a_reconnecting_agent_resumes_the_entry_stream_without_a_full_resync() {
+    let s = setup().await;
+    let me = create(
+        &s.admin,
+        entry(
+            "spiffe://example.org/me",
+            &s.agent_id,
+            &format!("unix:uid:{}", my_uid()),
+            0,
+        ),
+    )
+    .await;
+    // Held by the agent, served to another UID.
+    create(
+        &s.admin,
+        entry(
+            "spiffe://example.org/other",
+            &s.agent_id,
+            "unix:uid:4242",
+            0,
+        ),
+    )
+    .await;
+    let dir = s.dir.path().to_owned();
+    let ids =
+        |v: &[(String, OffsetDateTime)]| v.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match fetch_here(&s.socket).await {
+            Ok(v) if ids(&v) == ["spiffe://example.org/me"] => break,
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            other => panic!("{other:?}\nagent log:\n{}", agent_log(&dir)),
+        }
+    }
+
+    // The server is cut off; while the agent is away, its entries change.
+    s.relay.set_up(false);
+    wait_for("the agent to notice the outage", &dir, || {
+        agent_log(&dir).contains("serving from cache")
+    })
+    .await;
+    let resumes_before = agent_log(&dir).matches("resuming the entry stream").count();
+    assert_eq!(resumes_before, 0, "no resume before the first reconnect");
+    delete(&s.admin, &me.id).await;
+    create(
+        &s.admin,
+        entry(
+            "spiffe://example.org/added",
+            &s.agent_id,
+            &format!("unix:uid:{}", my_uid()),
+            0,
+        ),
+    )
+    .await;
+    s.relay.set_up(true);
+
+    // Back: the workload sees the changes made while the agent was away ...
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match fetch_here(&s.socket).await {
+            Ok(v) if ids(&v) == ["spiffe://example.org/added"] => break,
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            other => panic!("{other:?}\nagent log:\n{}", agent_log(&dir)),
+        }
+    }
+    // ... which came as the difference from the two entries the agent held, not a full set.
+    let log = agent_log(&dir);
+    let resumed = log
+        .find("resuming the entry stream")
+        .unwrap_or_else(|| panic!("no resume in the agent log:\n{log}"));
+    let after = &log[resumed..];
+    assert!(after.lines().next().unwrap().contains("known=2"), "{after}");
+    let updates: Vec<&str> = after
+        .lines()
+        .filter(|l| l.contains("entry update from server"))
+        .collect();
+    assert!(!updates.is_empty(), "{after}");
+    assert!(
+        updates.iter().all(|l| l.contains("full=false")),
+        "{updates:?}"
+    );
+    assert!(
+        updates[0].contains("upserted=1") && updates[0].contains("deleted=1"),
+        "{updates:?}"
+    );
+}

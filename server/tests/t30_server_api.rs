@@ -830,3 +830,95 @@ async fn t42_sync_pushes_federated_bundles_including_their_removal() {
     );
     assert!(next.federated_bundles.is_empty());
 }
+
+#[tokio::test]
+async fn t43_a_large_first_sync_comes_in_bounded_parts_that_add_up_to_the_full_set() {
+    use futures::StreamExt;
+    use plinth_server::api::SYNC_PART_BYTES;
+    use prost::Message;
+    let h = harness().await;
+    let ch = admin_channel(&h).await;
+    let (a, _) = attest(&ch, &token(&ch).await).await.unwrap();
+    // 1 000 entries of about 2.5 KB each (40 DNS names): a full set of about 2.5 MB.
+    const N: usize = 1000;
+    for batch in 0..4 {
+        let entries = (0..N / 4)
+            .map(|i| {
+                let n = batch * N / 4 + i;
+                let mut e = entry(
+                    &format!("spiffe://example.org/w{n}"),
+                    &a.spiffe_id,
+                    ("unix", &format!("uid:{n}")),
+                );
+                e.dns_names = (0..40)
+                    .map(|d| format!("name-{d:02}.workload-{n:05}.a-long-namespace.example.org"))
+                    .collect();
+                e
+            })
+            .collect();
+        let r = EntryServiceClient::new(ch.clone())
+            .batch_create_entry(pb::BatchCreateEntryRequest { entries })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r
+            .results
+            .iter()
+            .all(|x| x.status.as_ref().unwrap().code == 0));
+    }
+    let services = Services::new(h.server.core.clone());
+    let stream = services
+        .entry()
+        .sync_authorized_entries(as_peer(pb::SyncAuthorizedEntriesRequest::default(), &a))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stream = Box::pin(stream);
+    let mut parts = Vec::new();
+    loop {
+        let p = stream.next().await.unwrap().unwrap();
+        let more = p.more;
+        parts.push(p);
+        if !more {
+            break;
+        }
+    }
+    assert!(parts.len() >= 3, "{} parts", parts.len());
+    let revision = parts[0].revision;
+    let mut ids = std::collections::BTreeSet::new();
+    for (i, p) in parts.iter().enumerate() {
+        assert!(p.full, "every part says the update is a full set");
+        assert_eq!(p.revision, revision, "every part is of the same update");
+        assert_eq!(
+            p.bundle.is_some(),
+            i == 0,
+            "the bundle rides in the first part"
+        );
+        let entry_bytes: usize = p.upserted.iter().map(|e| e.encoded_len()).sum();
+        assert!(
+            entry_bytes <= SYNC_PART_BYTES,
+            "part {i}: {entry_bytes} bytes of entries"
+        );
+        assert!(p.encoded_len() < 2 * SYNC_PART_BYTES);
+        for e in &p.upserted {
+            assert!(ids.insert(e.id.clone()), "entry {} sent twice", e.id);
+        }
+    }
+    assert_eq!(ids.len(), N, "the parts add up to the full set");
+
+    // A later change is one small message, not split.
+    let extra = create(
+        &ch,
+        entry(
+            "spiffe://example.org/extra",
+            &a.spiffe_id,
+            ("unix", "uid:x"),
+        ),
+    )
+    .await
+    .unwrap();
+    let next = stream.next().await.unwrap().unwrap();
+    assert!(!next.full && !next.more);
+    assert_eq!(next.upserted.len(), 1);
+    assert_eq!(next.upserted[0].id, extra.id);
+}

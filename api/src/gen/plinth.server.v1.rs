@@ -337,6 +337,12 @@ pub struct SyncAuthorizedEntriesResponse {
     /// bundle was dropped); false when the federated bundles did not change.
     #[prost(bool, tag = "7")]
     pub federated_bundles_changed: bool,
+    /// More parts of this same update follow. A large update (a first full set of many entries)
+    /// is sent as parts of about 1 MiB: each part carries some of upserted and deleted_ids, and
+    /// every part repeats full and revision; the first part carries the bundles. The agent applies
+    /// the update once the part with more = false has arrived, never half of it.
+    #[prost(bool, tag = "8")]
+    pub more: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

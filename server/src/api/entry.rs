@@ -9,6 +9,7 @@ use plinth_api::server as pb;
 use plinth_api::server::entry_service_server::EntryService;
 use plinth_spiffe::{SpiffeId, TrustDomain};
 use plinth_storage::{Change, Command, Outcome, RegistrationEntry};
+use prost::Message;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -24,6 +25,13 @@ const MAX_PAGE: usize = 1000;
 const ENTRY_BATCH_CHUNK: usize = 500;
 /// Most entries an agent may report as already held when it resumes a sync.
 const MAX_KNOWN: usize = 1_000_000;
+/// Largest request the Entry API accepts: a resuming agent's `known` list at [`MAX_KNOWN`]
+/// (about 50 bytes an entry) fits.
+pub(super) const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
+/// About how large one message of the entry stream grows before the rest of an update goes in
+/// the next part (`more`): agents never need to take one huge message, and the first part of a
+/// full set of 100 000 entries leaves at once instead of after all 20 MB are encoded.
+pub const SYNC_PART_BYTES: usize = 1024 * 1024;
 
 #[derive(Debug)]
 pub(super) struct EntryApi<S>(pub(super) Arc<ServerCore<S>>);
@@ -437,7 +445,7 @@ async fn sync_loop<S: Replicated>(
                     || !m.deleted_ids.is_empty()
                     || m.bundle.is_some()
                     || m.federated_bundles_changed;
-                changed.then_some(Ok(m))
+                changed.then_some(m)
             }
             Err(s) => {
                 let _ = tx.send(Err(s)).await;
@@ -445,8 +453,10 @@ async fn sync_loop<S: Replicated>(
             }
         };
         if let Some(m) = msg {
-            if tx.send(m).await.is_err() {
-                return; // agent went away
+            for part in split_update(m, SYNC_PART_BYTES) {
+                if tx.send(Ok(part)).await.is_err() {
+                    return; // agent went away
+                }
             }
         }
         full = false;
@@ -476,6 +486,60 @@ async fn sync_loop<S: Replicated>(
     }
 }
 
+/// Splits one update of the entry stream into parts of about `max_bytes` of entries and deleted
+/// IDs each (at least one item a part, so an entry larger than that still goes out). Every part
+/// repeats `full` and `revision`; the bundles ride in the first; all but the last have `more`
+/// set. An update that fits is sent as it is.
+fn split_update(
+    mut m: pb::SyncAuthorizedEntriesResponse,
+    max_bytes: usize,
+) -> Vec<pb::SyncAuthorizedEntriesResponse> {
+    let blank = |first: bool, m: &mut pb::SyncAuthorizedEntriesResponse| {
+        let mut p = pb::SyncAuthorizedEntriesResponse {
+            full: m.full,
+            revision: m.revision,
+            more: true,
+            ..Default::default()
+        };
+        if first {
+            p.bundle = m.bundle.take();
+            p.federated_bundles = std::mem::take(&mut m.federated_bundles);
+            p.federated_bundles_changed = m.federated_bundles_changed;
+        }
+        p
+    };
+    let upserted = std::mem::take(&mut m.upserted);
+    let deleted = std::mem::take(&mut m.deleted_ids);
+    let mut parts = vec![blank(true, &mut m)];
+    let mut size = 0usize;
+    for e in upserted {
+        let len = e.encoded_len();
+        if size > 0 && size + len > max_bytes {
+            parts.push(blank(false, &mut m));
+            size = 0;
+        }
+        size += len;
+        if let Some(p) = parts.last_mut() {
+            p.upserted.push(e);
+        }
+    }
+    for id in deleted {
+        let len = id.len() + 2;
+        if size > 0 && size + len > max_bytes {
+            parts.push(blank(false, &mut m));
+            size = 0;
+        }
+        size += len;
+        if let Some(p) = parts.last_mut() {
+            p.deleted_ids.push(id);
+        }
+    }
+    if let Some(p) = parts.last_mut() {
+        p.more = false;
+    }
+    parts
+}
+
 fn matters(change: &Change, agent_id: &SpiffeId) -> bool {
     match change {
         Change::EntryPut { .. } | Change::EntryDeleted { .. } | Change::BundlePut { .. } => true,
@@ -483,5 +547,68 @@ fn matters(change: &Change, agent_id: &SpiffeId) -> bool {
         Change::AgentPut { agent } => &agent.spiffe_id == agent_id,
         Change::AgentDeleted { spiffe_id } => spiffe_id == agent_id,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(entries: usize, deleted: usize) -> pb::SyncAuthorizedEntriesResponse {
+        pb::SyncAuthorizedEntriesResponse {
+            full: false,
+            revision: 7,
+            upserted: (0..entries)
+                .map(|i| pb::Entry {
+                    id: format!("entry-{i:04}"),
+                    spiffe_id: format!("spiffe://example.org/w{i:04}"),
+                    ..Default::default()
+                })
+                .collect(),
+            deleted_ids: (0..deleted).map(|i| format!("gone-{i:04}")).collect(),
+            bundle: Some(pb::Bundle {
+                trust_domain: "example.org".into(),
+                ..Default::default()
+            }),
+            federated_bundles_changed: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_small_update_goes_as_it_is() {
+        let m = update(3, 2);
+        let parts = split_update(m.clone(), SYNC_PART_BYTES);
+        assert_eq!(parts, vec![m]);
+    }
+
+    #[test]
+    fn parts_are_bounded_ordered_and_add_up() {
+        let m = update(100, 50);
+        let entry_len = m.upserted[0].encoded_len();
+        let parts = split_update(m.clone(), 10 * entry_len);
+        assert!(parts.len() > 10, "{} parts", parts.len());
+        for (i, p) in parts.iter().enumerate() {
+            assert_eq!(p.more, i + 1 < parts.len(), "part {i}");
+            assert_eq!(p.revision, 7);
+            assert!(!p.full);
+            assert_eq!(p.bundle.is_some(), i == 0);
+            assert_eq!(p.federated_bundles_changed, i == 0);
+            let bytes: usize = p.upserted.iter().map(|e| e.encoded_len()).sum::<usize>()
+                + p.deleted_ids.iter().map(|d| d.len() + 2).sum::<usize>();
+            assert!(bytes <= 10 * entry_len, "part {i}: {bytes}");
+        }
+        let upserted: Vec<_> = parts.iter().flat_map(|p| p.upserted.clone()).collect();
+        let deleted: Vec<_> = parts.iter().flat_map(|p| p.deleted_ids.clone()).collect();
+        assert_eq!(upserted, m.upserted, "every entry once, in order");
+        assert_eq!(deleted, m.deleted_ids);
+    }
+
+    #[test]
+    fn an_entry_larger_than_a_part_still_goes_out_alone() {
+        let m = update(3, 0);
+        let parts = split_update(m.clone(), 1);
+        assert_eq!(parts.len(), 3);
+        assert!(parts.iter().all(|p| p.upserted.len() == 1));
     }
 }

@@ -9,6 +9,8 @@ mod convert;
 mod entry;
 mod svid;
 
+pub use entry::SYNC_PART_BYTES;
+
 use std::sync::Arc;
 
 use plinth_api::server as pb;
@@ -275,9 +277,10 @@ impl<S: Replicated> Services<S> {
         });
         tonic::transport::Server::builder()
             .add_service(health)
-            .add_service(pb::entry_service_server::EntryServiceServer::new(
-                entry::EntryApi(c.clone()),
-            ))
+            .add_service(
+                pb::entry_service_server::EntryServiceServer::new(entry::EntryApi(c.clone()))
+                    .max_decoding_message_size(entry::MAX_REQUEST_BYTES),
+            )
             .add_service(pb::agent_service_server::AgentServiceServer::new(
                 agent::AgentApi(c.clone()),
             ))
