@@ -29,8 +29,8 @@ const MAX_KNOWN: usize = 1_000_000;
 /// (about 50 bytes an entry) fits.
 pub(super) const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
 /// About how large one message of the entry stream grows before the rest of an update goes in
-/// the next part (`more`): agents never need to take one huge message, and the first part of a
-/// full set of 100 000 entries leaves at once instead of after all 20 MB are encoded.
+/// the next part (`more`): agents never need to take one huge message (a full set of 100 000
+/// entries is about 20 MB). The set is still computed whole before its first part leaves.
 pub const SYNC_PART_BYTES: usize = 1024 * 1024;
 
 #[derive(Debug)]
