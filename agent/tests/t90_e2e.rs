@@ -219,6 +219,27 @@ async fn fetch_here(socket: &Path) -> Result<Vec<(String, OffsetDateTime)>, toni
     Ok(summary(&first_x509_answer(socket).await?))
 }
 
+/// Calls FetchX509SVID from this process until `done` accepts the answer, and returns it; fails
+/// the test with the last answer and the agent's log after `limit`.
+async fn fetch_until(
+    socket: &Path,
+    dir: &Path,
+    limit: Duration,
+    done: impl Fn(&Result<Vec<(String, OffsetDateTime)>, tonic::Status>) -> bool,
+) -> Result<Vec<(String, OffsetDateTime)>, tonic::Status> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let r = fetch_here(socket).await;
+        if done(&r) {
+            return r;
+        }
+        if Instant::now() >= deadline {
+            panic!("{r:?}\nagent log:\n{}", agent_log(dir));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn summary(msg: &plinth_api::workload::X509svidResponse) -> Vec<(String, OffsetDateTime)> {
     msg.svids
         .iter()
@@ -427,14 +448,11 @@ async fn t91_cached_svids_survive_a_server_outage_and_an_agent_restart() {
     )
     .await;
     let dir = s.dir.path().to_owned();
-    let deadline = Instant::now() + WAIT;
-    let before = loop {
-        match fetch_here(&s.socket).await {
-            Ok(v) if !v.is_empty() => break v,
-            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
-            other => panic!("{other:?}\nagent log:\n{}", agent_log(&dir)),
-        }
-    };
+    let before = fetch_until(&s.socket, &dir, WAIT, |r| {
+        r.as_ref().is_ok_and(|v| !v.is_empty())
+    })
+    .await
+    .unwrap();
     assert_eq!(before[0].0, "spiffe://example.org/me");
     let svid_file = dir.join("agent-data/agent-svid.pem");
     let mode = std::fs::metadata(&svid_file).unwrap().permissions().mode() & 0o777;
@@ -467,14 +485,11 @@ async fn t91_cached_svids_survive_a_server_outage_and_an_agent_restart() {
     let config = dir.join("agent.toml");
     s.agent = Some(spawn_agent(&dir, &config, None));
     wait_for("the restarted agent's socket", &dir, || s.socket.exists()).await;
-    let deadline = Instant::now() + WAIT;
-    let after = loop {
-        match fetch_here(&s.socket).await {
-            Ok(v) if !v.is_empty() => break v,
-            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
-            other => panic!("{other:?}\nagent log:\n{}", agent_log(&dir)),
-        }
-    };
+    let after = fetch_until(&s.socket, &dir, WAIT, |r| {
+        r.as_ref().is_ok_and(|v| !v.is_empty())
+    })
+    .await
+    .unwrap();
     assert_eq!(after[0].0, "spiffe://example.org/me");
     assert!(agent_log(&dir).contains("reusing the agent SVID from the data dir"));
     assert_eq!(
@@ -498,14 +513,12 @@ async fn t91_cached_svids_survive_a_server_outage_and_an_agent_restart() {
 
     // The server still pushes changes to the restarted agent.
     delete(&s.admin, &me.id).await;
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match fetch_here(&s.socket).await {
-            Err(e) if e.code() == Code::PermissionDenied => break,
-            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
-            other => panic!("{other:?}"),
-        }
-    }
+    fetch_until(&s.socket, &dir, WAIT, |r| {
+        r.as_ref()
+            .is_err_and(|e| e.code() == Code::PermissionDenied)
+    })
+    .await
+    .unwrap_err();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -535,14 +548,12 @@ async fn t93_a_reconnecting_agent_resumes_the_entry_stream_without_a_full_resync
     let dir = s.dir.path().to_owned();
     let ids =
         |v: &[(String, OffsetDateTime)]| v.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match fetch_here(&s.socket).await {
-            Ok(v) if ids(&v) == ["spiffe://example.org/me"] => break,
-            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
-            other => panic!("{other:?}\nagent log:\n{}", agent_log(&dir)),
-        }
-    }
+    fetch_until(&s.socket, &dir, WAIT, |r| {
+        r.as_ref()
+            .is_ok_and(|v| ids(v) == ["spiffe://example.org/me"])
+    })
+    .await
+    .unwrap();
 
     // The server is cut off; while the agent is away, its entries change.
     s.relay.set_up(false);
@@ -566,14 +577,12 @@ async fn t93_a_reconnecting_agent_resumes_the_entry_stream_without_a_full_resync
     s.relay.set_up(true);
 
     // Back: the workload sees the changes made while the agent was away ...
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match fetch_here(&s.socket).await {
-            Ok(v) if ids(&v) == ["spiffe://example.org/added"] => break,
-            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
-            other => panic!("{other:?}\nagent log:\n{}", agent_log(&dir)),
-        }
-    }
+    fetch_until(&s.socket, &dir, Duration::from_secs(60), |r| {
+        r.as_ref()
+            .is_ok_and(|v| ids(v) == ["spiffe://example.org/added"])
+    })
+    .await
+    .unwrap();
     // ... which came as the difference from the two entries the agent held, not a full set.
     let log = agent_log(&dir);
     let resumed = log

@@ -110,6 +110,21 @@ async fn token(ch: &tonic::transport::Channel) -> String {
         .value
 }
 
+/// Opens the authorized-entries stream as agent `a`.
+async fn sync_stream(
+    h: &Harness,
+    req: pb::SyncAuthorizedEntriesRequest,
+    a: &pb::X509Svid,
+) -> impl futures::Stream<Item = Result<pb::SyncAuthorizedEntriesResponse, tonic::Status>> + Unpin {
+    let stream = Services::new(h.server.core.clone())
+        .entry()
+        .sync_authorized_entries(as_peer(req, a))
+        .await
+        .unwrap()
+        .into_inner();
+    Box::pin(stream)
+}
+
 fn as_peer<T>(msg: T, svid: &pb::X509Svid) -> Request<T> {
     let mut r = Request::new(msg);
     r.extensions_mut().insert(PeerSvid {
@@ -700,7 +715,6 @@ async fn t41_sync_resumes_from_what_the_agent_holds() {
     )
     .await
     .unwrap();
-    let services = Services::new(h.server.core.clone());
     // The agent held these three at their current revisions, then disconnected.
     let known: Vec<pb::EntryRevision> = [&kept, &changed, &gone]
         .iter()
@@ -732,19 +746,15 @@ async fn t41_sync_resumes_from_what_the_agent_holds() {
     )
     .await
     .unwrap();
-    let stream = services
-        .entry()
-        .sync_authorized_entries(as_peer(
-            pb::SyncAuthorizedEntriesRequest {
-                from_revision: gone.revision,
-                known,
-            },
-            &a,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut stream = Box::pin(stream);
+    let mut stream = sync_stream(
+        &h,
+        pb::SyncAuthorizedEntriesRequest {
+            from_revision: gone.revision,
+            known,
+        },
+        &a,
+    )
+    .await;
     let first = stream.next().await.unwrap().unwrap();
     assert!(
         !first.full,
@@ -758,13 +768,7 @@ async fn t41_sync_resumes_from_what_the_agent_holds() {
     assert_eq!(first.deleted_ids, vec![gone.id]);
     assert!(first.bundle.is_some());
     // A fresh agent (nothing known) gets the full set.
-    let stream = services
-        .entry()
-        .sync_authorized_entries(as_peer(pb::SyncAuthorizedEntriesRequest::default(), &a))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut stream = Box::pin(stream);
+    let mut stream = sync_stream(&h, pb::SyncAuthorizedEntriesRequest::default(), &a).await;
     let first = stream.next().await.unwrap().unwrap();
     assert!(first.full);
     assert_eq!(first.upserted.len(), 3);
@@ -801,14 +805,7 @@ async fn t42_sync_pushes_federated_bundles_including_their_removal() {
     let mut e = entry("spiffe://example.org/fed", &a.spiffe_id, ("unix", "uid:1"));
     e.federates_with = vec!["partner.org".into()];
     create(&ch, e).await.unwrap();
-    let services = Services::new(h.server.core.clone());
-    let stream = services
-        .entry()
-        .sync_authorized_entries(as_peer(pb::SyncAuthorizedEntriesRequest::default(), &a))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut stream = Box::pin(stream);
+    let mut stream = sync_stream(&h, pb::SyncAuthorizedEntriesRequest::default(), &a).await;
     let first = stream.next().await.unwrap().unwrap();
     assert!(first.federated_bundles_changed);
     assert_eq!(first.federated_bundles.len(), 1);
@@ -866,14 +863,7 @@ async fn t43_a_large_first_sync_comes_in_bounded_parts_that_add_up_to_the_full_s
             .iter()
             .all(|x| x.status.as_ref().unwrap().code == 0));
     }
-    let services = Services::new(h.server.core.clone());
-    let stream = services
-        .entry()
-        .sync_authorized_entries(as_peer(pb::SyncAuthorizedEntriesRequest::default(), &a))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut stream = Box::pin(stream);
+    let mut stream = sync_stream(&h, pb::SyncAuthorizedEntriesRequest::default(), &a).await;
     let mut parts = Vec::new();
     loop {
         let p = stream.next().await.unwrap().unwrap();

@@ -494,50 +494,51 @@ fn split_update(
     mut m: pb::SyncAuthorizedEntriesResponse,
     max_bytes: usize,
 ) -> Vec<pb::SyncAuthorizedEntriesResponse> {
-    let blank = |first: bool, m: &mut pb::SyncAuthorizedEntriesResponse| {
-        let mut p = pb::SyncAuthorizedEntriesResponse {
-            full: m.full,
-            revision: m.revision,
-            more: true,
-            ..Default::default()
-        };
-        if first {
-            p.bundle = m.bundle.take();
-            p.federated_bundles = std::mem::take(&mut m.federated_bundles);
-            p.federated_bundles_changed = m.federated_bundles_changed;
-        }
-        p
-    };
     let upserted = std::mem::take(&mut m.upserted);
     let deleted = std::mem::take(&mut m.deleted_ids);
-    let mut parts = vec![blank(true, &mut m)];
+    // Every part after the first: the update's `full` and `revision` and nothing else yet.
+    let next = pb::SyncAuthorizedEntriesResponse {
+        full: m.full,
+        revision: m.revision,
+        more: true,
+        ..Default::default()
+    };
+    let mut parts = vec![pb::SyncAuthorizedEntriesResponse { more: true, ..m }];
     let mut size = 0usize;
     for e in upserted {
         let len = e.encoded_len();
-        if size > 0 && size + len > max_bytes {
-            parts.push(blank(false, &mut m));
-            size = 0;
-        }
-        size += len;
-        if let Some(p) = parts.last_mut() {
-            p.upserted.push(e);
-        }
+        part_with_room(&mut parts, &mut size, len, max_bytes, &next)
+            .upserted
+            .push(e);
     }
     for id in deleted {
-        let len = id.len() + 2;
-        if size > 0 && size + len > max_bytes {
-            parts.push(blank(false, &mut m));
-            size = 0;
-        }
-        size += len;
-        if let Some(p) = parts.last_mut() {
-            p.deleted_ids.push(id);
-        }
+        part_with_room(&mut parts, &mut size, id.len() + 2, max_bytes, &next)
+            .deleted_ids
+            .push(id);
     }
     if let Some(p) = parts.last_mut() {
         p.more = false;
     }
     parts
+}
+
+/// The part an item of `len` bytes goes in: the last one, or a new one (a copy of `next`) when
+/// the last already holds something and the item would take it over `max_bytes`. `size` is
+/// what the last part holds.
+fn part_with_room<'a>(
+    parts: &'a mut Vec<pb::SyncAuthorizedEntriesResponse>,
+    size: &mut usize,
+    len: usize,
+    max_bytes: usize,
+    next: &pb::SyncAuthorizedEntriesResponse,
+) -> &'a mut pb::SyncAuthorizedEntriesResponse {
+    if parts.is_empty() || (*size > 0 && *size + len > max_bytes) {
+        parts.push(next.clone());
+        *size = 0;
+    }
+    *size += len;
+    let last = parts.len() - 1;
+    &mut parts[last]
 }
 
 fn matters(change: &Change, agent_id: &SpiffeId) -> bool {
