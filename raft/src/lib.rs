@@ -12,6 +12,7 @@
 #![allow(clippy::result_large_err)]
 
 mod election;
+pub mod leader_sync;
 pub mod log_store;
 pub mod network;
 pub mod node;

@@ -6,9 +6,10 @@
 //! toward a commit or answer a leader) only after an fsync that covers them. Appends use group
 //! commit: each is written to RocksDB's write-ahead log unsynced and returns at once, and one
 //! background sync then completes every append written before it started, so concurrent
-//! writes share an fsync. (It does not make the leader's fsync overlap the followers': openraft
-//! 0.9's Raft core waits for the leader's append callback before it replicates the entries; see
-//! docs/benchmarks.md.) The committed index is
+//! writes share an fsync. On the established leader the callback of its own entries comes
+//! before the sync, so that openraft 0.9 replicates them while the leader syncs; what keeps
+//! such an entry from counting toward anything visible until it is durable is in
+//! [`crate::leader_sync`]. The committed index is
 //! written unsynced: Raft does not need it durable (a restarted node learns it again), and it
 //! reaches disk with the next log sync.
 
@@ -23,7 +24,8 @@ use openraft::{AnyError, LogState, OptionalSend, RaftLogReader, StorageIOError};
 use plinth_storage::codec::{decode, encode};
 use plinth_storage::{MetaKey, Store};
 
-use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
+use crate::leader_sync::LeaderSync;
+use crate::types::{Entry, LogId, NodeId, StorageError, TypeConfig, Vote};
 
 const T_LOG: &str = "raft_log";
 const T_META: &str = "raft_meta";
@@ -34,6 +36,11 @@ pub struct LogStore {
     store: Store,
     flusher: Arc<Flusher>,
     cache: Arc<Mutex<EntryCache>>,
+    /// This node's ID and the record of its early callbacks, when they are on
+    /// ([`LogStore::with_leader_sync`]).
+    leader: Option<(NodeId, Arc<LeaderSync>)>,
+    /// The last vote saved or read.
+    vote: Arc<Mutex<Option<Vote>>>,
 }
 
 /// Encoded bytes of log entries one AppendEntries carries at most (a single larger entry still
@@ -117,11 +124,21 @@ pub(crate) struct Flusher {
     queue: Mutex<FlushQueue>,
     /// Sync tasks started and not yet finished (each holds a handle on the database).
     active: AtomicUsize,
+    /// A stalled disk, for tests and fault injection: syncs wait while it is set.
+    stalled: Mutex<bool>,
+    resume: std::sync::Condvar,
+}
+
+/// What waits for the next sync: an append's callback, or an early-reported append's ticket
+/// ([`LeaderSync::begin`]).
+enum Waiter {
+    Callback(LogFlushed<TypeConfig>),
+    Early(u64),
 }
 
 #[derive(Default)]
 struct FlushQueue {
-    pending: Vec<LogFlushed<TypeConfig>>,
+    pending: Vec<Waiter>,
     /// A sync task is running and will take `pending` before it stops.
     running: bool,
 }
@@ -141,10 +158,10 @@ impl Flusher {
 
     /// Queues the callback of an append that is already in the WAL; starts a sync task unless
     /// one is running (it will pick this callback up).
-    fn submit(self: &Arc<Self>, store: &Store, callback: LogFlushed<TypeConfig>) {
+    fn submit(self: &Arc<Self>, store: &Store, waiter: Waiter, sync: Option<Arc<LeaderSync>>) {
         let start = {
             let mut q = self.lock();
-            q.pending.push(callback);
+            q.pending.push(waiter);
             !std::mem::replace(&mut q.running, true)
         };
         if start {
@@ -152,7 +169,7 @@ impl Flusher {
             let me = self.clone();
             let store = store.clone();
             tokio::task::spawn_blocking(move || {
-                me.run(store);
+                me.run(store, sync.as_deref());
                 me.active.fetch_sub(1, Ordering::SeqCst);
             });
         }
@@ -160,7 +177,7 @@ impl Flusher {
 
     /// Syncs and completes queued callbacks until the queue is empty. Every callback taken was
     /// queued after its write returned, so the sync that follows covers it.
-    fn run(&self, store: Store) {
+    fn run(&self, store: Store, sync: Option<&LeaderSync>) {
         loop {
             let batch = {
                 let mut q = self.lock();
@@ -170,11 +187,35 @@ impl Flusher {
                 }
                 std::mem::take(&mut q.pending)
             };
+            {
+                let mut stalled = self.stalled.lock().unwrap_or_else(|p| p.into_inner());
+                while *stalled {
+                    stalled = self.resume.wait(stalled).unwrap_or_else(|p| p.into_inner());
+                }
+            }
             let r = store.sync().map_err(|e| e.to_string());
-            for cb in batch {
-                cb.log_io_completed(r.clone().map_err(std::io::Error::other));
+            if let Err(e) = &r {
+                tracing::error!(error = %e, "raft log sync failed");
+            }
+            let mut tickets = Vec::new();
+            for w in batch {
+                match w {
+                    Waiter::Callback(cb) => {
+                        cb.log_io_completed(r.clone().map_err(std::io::Error::other))
+                    }
+                    Waiter::Early(t) => tickets.push(t),
+                }
+            }
+            if let Some(sync) = sync {
+                sync.synced(&tickets, r.is_ok());
             }
         }
+    }
+
+    /// Makes log syncs wait (a stalled disk) until called again with `false`.
+    pub(crate) fn stall(&self, on: bool) {
+        *self.stalled.lock().unwrap_or_else(|p| p.into_inner()) = on;
+        self.resume.notify_all();
     }
 
     /// Waits (bounded) until no sync task holds the database, so that it can be reopened.
@@ -187,12 +228,58 @@ impl Flusher {
 }
 
 impl LogStore {
+    /// A log store whose every append is reported flushed only after its sync.
     pub fn new(store: Store) -> Self {
         Self {
             store,
             flusher: Arc::default(),
             cache: Arc::default(),
+            leader: None,
+            vote: Arc::default(),
         }
+    }
+
+    /// Reports the appends of node `node_id`'s own entries, while it is the established
+    /// leader, flushed before their sync, recording them in `sync` ([`crate::leader_sync`]).
+    pub fn with_leader_sync(mut self, node_id: NodeId, sync: Arc<LeaderSync>) -> Self {
+        self.leader = Some((node_id, sync));
+        self
+    }
+
+    fn set_vote(&self, vote: Option<Vote>) {
+        *self.vote.lock().unwrap_or_else(|p| p.into_inner()) = vote;
+    }
+
+    /// The leader sync to record an append of `entries` in, if it may be reported early: this
+    /// node is the established leader of the entries' term and none is a membership change.
+    fn early(&self, entries: &[(u64, usize, Entry)]) -> Option<&Arc<LeaderSync>> {
+        let (me, sync) = self.leader.as_ref()?;
+        let vote = (*self.vote.lock().unwrap_or_else(|p| p.into_inner()))?;
+        if !vote.is_committed() || vote.leader_id().voted_for() != Some(*me) {
+            return None;
+        }
+        entries
+            .iter()
+            .all(|(_, _, e)| {
+                e.log_id.leader_id == *vote.leader_id()
+                    && !matches!(e.payload, openraft::EntryPayload::Membership(_))
+            })
+            .then_some(sync)
+    }
+
+    /// The log ID of the entry at `index`, from the cache, the log or the purge point; `None`
+    /// if it cannot be found.
+    fn log_id_at(&self, cache: &EntryCache, index: u64) -> Option<LogId> {
+        if let Some((e, _)) = cache.entries.get(&index) {
+            return Some(e.log_id);
+        }
+        if let Ok(rows) = self.store.log_range(index, Some(index + 1)) {
+            if let Some(e) = decode_entries(rows).ok()?.pop() {
+                return Some(e.log_id);
+            }
+        }
+        let purged: LogId = self.meta(MetaKey::LastPurged).ok()??;
+        (purged.index == index).then_some(purged)
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, EntryCache> {
@@ -307,12 +394,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             encode(T_META, vote).map_err(|e| StorageIOError::write_vote(AnyError::new(&e)))?;
         self.store
             .meta_put(MetaKey::Vote, bytes)
-            .map_err(|e| StorageIOError::write_vote(AnyError::new(&e)).into())
+            .map_err(|e| StorageIOError::write_vote(AnyError::new(&e)))?;
+        self.set_vote(Some(*vote));
+        Ok(())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
-        self.meta(MetaKey::Vote)
-            .map_err(|e| StorageIOError::read_vote(AnyError::new(&e)).into())
+        let vote: Option<Vote> = self
+            .meta(MetaKey::Vote)
+            .map_err(|e| StorageIOError::read_vote(AnyError::new(&e)))?;
+        self.set_vote(vote);
+        Ok(vote)
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
@@ -348,13 +440,38 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         // One lock around the write and the cache update keeps the two in the same order.
         let mut cache = self.cache();
+        let early = match (self.early(&decoded), decoded.first()) {
+            (Some(sync), Some((first, _, _))) => {
+                let first = *first;
+                match first.checked_sub(1) {
+                    None => Some((sync.clone(), first, None)),
+                    Some(p) => self
+                        .log_id_at(&cache, p)
+                        .map(|prev| (sync.clone(), first, Some(prev))),
+                }
+            }
+            _ => None,
+        };
         match self.store.log_append_unsynced(encoded) {
             Ok(()) => {
                 for (index, size, entry) in decoded {
                     cache.insert(index, entry, size);
                 }
                 drop(cache);
-                self.flusher.submit(&self.store, callback);
+                let ticket = early
+                    .as_ref()
+                    .and_then(|(sync, first, prev)| sync.begin(*first, *prev));
+                let sync = self.leader.as_ref().map(|(_, s)| s.clone());
+                match ticket {
+                    Some(t) => {
+                        // Recorded as pending first: nothing applies it before its sync.
+                        callback.log_io_completed(Ok(()));
+                        self.flusher.submit(&self.store, Waiter::Early(t), sync);
+                    }
+                    None => self
+                        .flusher
+                        .submit(&self.store, Waiter::Callback(callback), sync),
+                }
                 // With the replication and proposer lines, a write's timeline
                 // (RUST_LOG=plinth_raft=trace, docs/benchmarks.md).
                 tracing::trace!("log append written");

@@ -131,6 +131,8 @@ pub(crate) fn connect(
 pub struct Network {
     /// The client side of the peer mTLS; `None` for plain TCP.
     pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
+    /// Holds the commit index sent to followers below the leader's unsynced entries.
+    pub(crate) leader_sync: Option<Arc<crate::leader_sync::LeaderSync>>,
 }
 
 /// The connection to one peer.
@@ -138,6 +140,7 @@ pub struct Network {
 pub struct Peer {
     target: NodeId,
     client: Result<RaftServiceClient<Channel>, String>,
+    leader_sync: Option<Arc<crate::leader_sync::LeaderSync>>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -147,6 +150,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         Peer {
             target,
             client: connect(&node.addr, self.tls.as_ref()),
+            leader_sync: self.leader_sync.clone(),
         }
     }
 }
@@ -200,9 +204,12 @@ impl RaftNetwork<TypeConfig> for Peer {
 
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        if let Some(sync) = &self.leader_sync {
+            rpc.leader_commit = sync.clamp_commit(rpc.leader_commit);
+        }
         let started = std::time::Instant::now();
         let prev = rpc.prev_log_id.map(|l| l.index);
         let entries = rpc.entries.len();

@@ -68,6 +68,9 @@ pub struct RaftConfig {
     /// Serve and dial peers over plain TCP, unauthenticated: only for tests and local
     /// development, and only when set explicitly.
     pub insecure_plaintext: bool,
+    /// As leader, replicate new entries while this node syncs them, instead of after
+    /// ([`crate::leader_sync`]). On by default; off only to measure what it saves.
+    pub parallel_leader_sync: bool,
 }
 
 impl RaftConfig {
@@ -99,6 +102,7 @@ impl RaftConfig {
             request_timeout: Duration::from_secs(5),
             tls: None,
             insecure_plaintext: false,
+            parallel_leader_sync: true,
         }
     }
 
@@ -440,6 +444,8 @@ pub struct RaftNode {
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     /// The election watchdog ([`crate::election`]).
     watchdog: tokio::task::AbortHandle,
+    /// Sends a held-back commit index on ([`crate::leader_sync`]).
+    commit_pusher: Option<tokio::task::AbortHandle>,
 }
 
 impl RaftNode {
@@ -450,11 +456,19 @@ impl RaftNode {
         let raft_config = Arc::new(config.openraft()?);
         let store = Store::open(&config.data_dir)?;
         let (changes, _) = broadcast::channel(CHANGE_CHANNEL_CAPACITY);
-        let sm = StateMachine::open(store.clone(), changes.clone())?;
-        let log_store = LogStore::new(store.clone());
+        let mut sm = StateMachine::open(store.clone(), changes.clone())?;
+        let mut log_store = LogStore::new(store.clone());
+        let leader_sync = config
+            .parallel_leader_sync
+            .then(|| Arc::new(crate::leader_sync::LeaderSync::default()));
+        if let Some(sync) = &leader_sync {
+            log_store = log_store.with_leader_sync(config.node_id, sync.clone());
+            sm = sm.with_leader_sync(sync.clone());
+        }
         let flusher = log_store.flusher();
         let network = Network {
             tls: config.tls.as_ref().map(|t| t.client.clone()),
+            leader_sync: leader_sync.clone(),
         };
         let raft = Raft::new(config.node_id, raft_config, network, log_store, sm)
             .await
@@ -485,6 +499,20 @@ impl RaftNode {
             config.election_timeout_max,
         ))
         .abort_handle();
+        // A commit index held back from the followers reaches them with a heartbeat as soon as
+        // the leader's sync releases it (openraft would otherwise send it with the next write
+        // or heartbeat interval).
+        let commit_pusher = leader_sync.map(|sync| {
+            let raft = raft.clone();
+            tokio::spawn(async move {
+                while sync.watch().await {
+                    if raft.trigger().heartbeat().await.is_err() {
+                        break;
+                    }
+                }
+            })
+            .abort_handle()
+        });
         let inner = Arc::new(Inner {
             id: config.node_id,
             raft,
@@ -534,6 +562,7 @@ impl RaftNode {
             stop_server: Some(stop_tx),
             server: Some(server),
             watchdog,
+            commit_pusher,
         })
     }
 
@@ -769,9 +798,18 @@ impl RaftNode {
         }
     }
 
+    /// Fault injection: while `on`, this node's Raft log syncs wait, as on a stalled disk
+    /// (appends are still written; nothing waiting for their sync completes).
+    pub fn stall_log_sync(&self, on: bool) {
+        self.inner.flusher.stall(on);
+    }
+
     /// Stops Raft and the peer API, and closes the store.
     pub async fn shutdown(mut self) -> Result<(), NodeError> {
         self.watchdog.abort();
+        if let Some(p) = &self.commit_pusher {
+            p.abort();
+        }
         let raft = self.inner.raft.clone();
         raft.shutdown()
             .await

@@ -72,6 +72,8 @@ fn snap_err(e: impl std::error::Error + 'static) -> StorageError {
 #[derive(Debug)]
 pub struct StateMachine {
     store: Store,
+    /// Entries are applied only once durable on this node ([`crate::leader_sync`]).
+    leader_sync: Option<Arc<crate::leader_sync::LeaderSync>>,
     applied: AppliedState,
     changes: broadcast::Sender<ChangeEvent>,
     snapshots: Arc<SnapshotShared>,
@@ -96,10 +98,17 @@ impl StateMachine {
         };
         Ok(Self {
             store,
+            leader_sync: None,
             applied,
             changes,
             snapshots: Arc::default(),
         })
+    }
+
+    /// Applies an entry only once no early-reported append of the leader's holds it unsynced.
+    pub fn with_leader_sync(mut self, sync: Arc<crate::leader_sync::LeaderSync>) -> Self {
+        self.leader_sync = Some(sync);
+        self
     }
 
     fn publish(&self, events: Vec<ChangeEvent>) {
@@ -223,6 +232,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        if let (Some(sync), Some(last)) = (&self.leader_sync, entries.last()) {
+            let last = last.log_id;
+            sync.wait_durable(last.index)
+                .await
+                .map_err(|e| StorageIOError::apply(last, AnyError::new(&e)))?;
+        }
         let mut responses = Vec::new();
         let mut events = Vec::new();
         for entry in entries {

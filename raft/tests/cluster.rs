@@ -46,6 +46,7 @@ struct Cluster {
     snapshot_after_logs: u64,
     /// Election timeout (min, max) in ms, if not `config`'s.
     election_ms: Option<(u64, u64)>,
+    parallel_leader_sync: bool,
 }
 
 impl Cluster {
@@ -58,6 +59,15 @@ impl Cluster {
     }
 
     async fn start_full(n: u64, snapshot_after_logs: u64, election_ms: Option<(u64, u64)>) -> Self {
+        Self::start_opts(n, snapshot_after_logs, election_ms, true).await
+    }
+
+    async fn start_opts(
+        n: u64,
+        snapshot_after_logs: u64,
+        election_ms: Option<(u64, u64)>,
+        parallel_leader_sync: bool,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut c = Cluster {
             dir,
@@ -65,6 +75,7 @@ impl Cluster {
             nodes: Vec::new(),
             snapshot_after_logs,
             election_ms,
+            parallel_leader_sync,
         };
         for id in 1..=n {
             c.addrs.push(free_addr());
@@ -89,6 +100,7 @@ impl Cluster {
     async fn launch(&self, id: u64) -> RaftNode {
         let mut cfg = config(id, self.addrs[(id - 1) as usize], self.dir.path());
         cfg.snapshot_after_logs = self.snapshot_after_logs;
+        cfg.parallel_leader_sync = self.parallel_leader_sync;
         if let Some((min, max)) = self.election_ms {
             cfg.election_timeout_min = Duration::from_millis(min);
             cfg.election_timeout_max = Duration::from_millis(max);
@@ -549,5 +561,122 @@ async fn t70_concurrent_writes_share_log_entries_but_each_gets_its_own_answer() 
     }
     for node in c.nodes.into_iter().flatten() {
         node.shutdown().await.unwrap();
+    }
+}
+
+/// The leader's last log index, and the last log and applied indexes of every node.
+fn indexes(c: &Cluster) -> Vec<(u64, u64, u64)> {
+    c.running()
+        .map(|n| {
+            let m = n.raft().metrics().borrow().clone();
+            (
+                n.id(),
+                m.last_log_index.unwrap_or(0),
+                m.last_applied.map(|l| l.index).unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+/// Waits (bounded) for `cond` on the nodes' indexes.
+async fn wait_indexes(c: &Cluster, what: &str, cond: impl Fn(&[(u64, u64, u64)]) -> bool) {
+    for _ in 0..200 {
+        if cond(&indexes(c)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "{what}: never happened; (node, last log, applied): {:?}",
+        indexes(c)
+    );
+}
+
+/// Parallel leader sync (`plinth_raft::leader_sync`): with the leader's disk stalled, a new
+/// entry still reaches both followers' logs, but nothing treats it as committed: the write is
+/// not answered and no node applies it (so no read, change event or follower sees it) until
+/// the leader's own copy is synced. Then the write is answered and every node applies it
+/// without another write. With the option off, the leader sends nothing before its sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t75_the_leader_replicates_while_it_syncs_but_commits_nothing_unsynced() {
+    for parallel in [true, false] {
+        let c = Cluster::start_opts(3, 10_000, None, parallel).await;
+        let leader = c.wait_leader().await;
+        c.write(leader, create(1)).await;
+        let before = c
+            .node(leader)
+            .raft()
+            .metrics()
+            .borrow()
+            .last_log_index
+            .unwrap();
+        wait_indexes(&c, "the first write applied everywhere", |v| {
+            v.iter()
+                .all(|(_, log, applied)| *log == before && *applied == before)
+        })
+        .await;
+        let mut events = c.node(leader).subscribe();
+
+        c.node(leader).stall_log_sync(true);
+        let new = before + 1;
+        {
+            let write = c.node(leader).write(create(2));
+            tokio::pin!(write);
+            let checks = async {
+                if parallel {
+                    wait_indexes(&c, "the entry in every log", |v| {
+                        v.iter().all(|(_, log, _)| *log == new)
+                    })
+                    .await;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let now = indexes(&c);
+                for (id, log, applied) in &now {
+                    assert_eq!(
+                        *applied, before,
+                        "node {id} applied an entry the leader has not synced: {now:?}"
+                    );
+                    if !parallel && *id != leader {
+                        assert_eq!(
+                            *log, before,
+                            "serial: sent before the leader's sync: {now:?}"
+                        );
+                    }
+                }
+                assert!(
+                    events.try_recv().is_err(),
+                    "a change was published before the leader's sync"
+                );
+            };
+            tokio::select! {
+                r = &mut write => panic!("a write was answered before the leader's sync: {r:?}"),
+                () = checks => {}
+            }
+            c.node(leader).stall_log_sync(false);
+            let r = write.await.unwrap();
+            assert!(r.result.is_ok(), "{r:?}");
+            assert!(events.recv().await.is_ok());
+            assert_eq!(
+                c.node(leader)
+                    .raft()
+                    .metrics()
+                    .borrow()
+                    .last_applied
+                    .unwrap()
+                    .index,
+                new
+            );
+        }
+        // The followers hear the commit index without another write.
+        wait_indexes(&c, "the entry applied everywhere", |v| {
+            v.iter().all(|(_, _, applied)| *applied == new)
+        })
+        .await;
+        for id in 1..=3 {
+            assert_eq!(c.entries(id).await.len(), 2, "node {id}");
+        }
+        for node in c.nodes.into_iter().flatten() {
+            node.shutdown().await.unwrap();
+        }
     }
 }

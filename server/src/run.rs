@@ -118,6 +118,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningServer> {
     rc.heartbeat_interval = Duration::from_millis(cl.heartbeat_interval_ms);
     rc.snapshot_after_logs = cl.snapshot_after_logs;
     rc.logs_kept_after_snapshot = cl.logs_kept_after_snapshot;
+    rc.parallel_leader_sync = cl.parallel_leader_sync;
     // The server's SVID, also presented to peers: restored before Raft starts, because loading
     // the CA needs a leader and electing one needs peers to accept each other.
     let identity = Arc::new(

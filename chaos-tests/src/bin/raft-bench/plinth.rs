@@ -29,6 +29,7 @@ pub struct Timing {
     pub heartbeat_ms: u64,
     pub snapshot_after_logs: u64,
     pub logs_kept_after_snapshot: u64,
+    pub parallel_leader_sync: bool,
 }
 
 #[derive(Debug)]
@@ -128,6 +129,7 @@ election_timeout_max_ms = {emax}
 heartbeat_interval_ms = {hb}
 snapshot_after_logs = {snap}
 logs_kept_after_snapshot = {kept}
+parallel_leader_sync = {pls}
 
 [key_manager]
 type = "disk"
@@ -142,6 +144,7 @@ keys_path = "{d}/keys"
                 hb = t.heartbeat_ms,
                 snap = t.snapshot_after_logs,
                 kept = t.logs_kept_after_snapshot,
+                pls = t.parallel_leader_sync,
             );
             std::fs::write(dir.join("server.toml"), config)?;
             nodes.push(Node {
