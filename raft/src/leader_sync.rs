@@ -89,10 +89,11 @@ impl LeaderSync {
         Some(seq)
     }
 
-    /// Ends the writes `tickets` after the sync that covers them: released if it succeeded; if
-    /// it failed, they stay pending for good and everything waiting on them fails.
+    /// Ends the writes `tickets` after the sync that covers them: released if it succeeded. A
+    /// failed sync, with tickets or without, stops early callbacks for good: its writes stay
+    /// pending and everything waiting on them fails.
     pub(crate) fn synced(&self, tickets: &[u64], ok: bool) {
-        if tickets.is_empty() {
+        if tickets.is_empty() && ok {
             return;
         }
         {

@@ -36,9 +36,9 @@ pub struct LogStore {
     store: Store,
     flusher: Arc<Flusher>,
     cache: Arc<Mutex<EntryCache>>,
-    /// This node's ID and the record of its early callbacks, when they are on
-    /// ([`LogStore::with_leader_sync`]).
-    leader: Option<(NodeId, Arc<LeaderSync>)>,
+    /// This node's ID, when early callbacks are on ([`LogStore::with_leader_sync`]; their
+    /// record is the flusher's).
+    node_id: Option<NodeId>,
     /// The last vote saved or read.
     vote: Arc<Mutex<Option<Vote>>>,
 }
@@ -127,6 +127,8 @@ pub(crate) struct Flusher {
     /// A stalled disk, for tests and fault injection: syncs wait while it is set.
     stalled: Mutex<bool>,
     resume: std::sync::Condvar,
+    /// Where early-reported appends are recorded and released by each sync.
+    leader_sync: Option<Arc<LeaderSync>>,
 }
 
 /// What waits for the next sync: an append's callback, or an early-reported append's ticket
@@ -158,7 +160,7 @@ impl Flusher {
 
     /// Queues the callback of an append that is already in the WAL; starts a sync task unless
     /// one is running (it will pick this callback up).
-    fn submit(self: &Arc<Self>, store: &Store, waiter: Waiter, sync: Option<Arc<LeaderSync>>) {
+    fn submit(self: &Arc<Self>, store: &Store, waiter: Waiter) {
         let start = {
             let mut q = self.lock();
             q.pending.push(waiter);
@@ -169,7 +171,7 @@ impl Flusher {
             let me = self.clone();
             let store = store.clone();
             tokio::task::spawn_blocking(move || {
-                me.run(store, sync.as_deref());
+                me.run(store);
                 me.active.fetch_sub(1, Ordering::SeqCst);
             });
         }
@@ -177,7 +179,7 @@ impl Flusher {
 
     /// Syncs and completes queued callbacks until the queue is empty. Every callback taken was
     /// queued after its write returned, so the sync that follows covers it.
-    fn run(&self, store: Store, sync: Option<&LeaderSync>) {
+    fn run(&self, store: Store) {
         loop {
             let batch = {
                 let mut q = self.lock();
@@ -206,7 +208,7 @@ impl Flusher {
                     Waiter::Early(t) => tickets.push(t),
                 }
             }
-            if let Some(sync) = sync {
+            if let Some(sync) = &self.leader_sync {
                 sync.synced(&tickets, r.is_ok());
             }
         }
@@ -234,15 +236,20 @@ impl LogStore {
             store,
             flusher: Arc::default(),
             cache: Arc::default(),
-            leader: None,
+            node_id: None,
             vote: Arc::default(),
         }
     }
 
     /// Reports the appends of node `node_id`'s own entries, while it is the established
     /// leader, flushed before their sync, recording them in `sync` ([`crate::leader_sync`]).
+    /// Call it on a new store, before it is cloned: it gives the store its own flusher.
     pub fn with_leader_sync(mut self, node_id: NodeId, sync: Arc<LeaderSync>) -> Self {
-        self.leader = Some((node_id, sync));
+        self.node_id = Some(node_id);
+        self.flusher = Arc::new(Flusher {
+            leader_sync: Some(sync),
+            ..Flusher::default()
+        });
         self
     }
 
@@ -253,9 +260,9 @@ impl LogStore {
     /// The leader sync to record an append of `entries` in, if it may be reported early: this
     /// node is the established leader of the entries' term and none is a membership change.
     fn early(&self, entries: &[(u64, usize, Entry)]) -> Option<&Arc<LeaderSync>> {
-        let (me, sync) = self.leader.as_ref()?;
+        let (me, sync) = (self.node_id?, self.flusher.leader_sync.as_ref()?);
         let vote = (*self.vote.lock().unwrap_or_else(|p| p.into_inner()))?;
-        if !vote.is_committed() || vote.leader_id().voted_for() != Some(*me) {
+        if !vote.is_committed() || vote.leader_id().voted_for() != Some(me) {
             return None;
         }
         entries
@@ -440,37 +447,31 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         // One lock around the write and the cache update keeps the two in the same order.
         let mut cache = self.cache();
-        let early = match (self.early(&decoded), decoded.first()) {
-            (Some(sync), Some((first, _, _))) => {
-                let first = *first;
-                match first.checked_sub(1) {
-                    None => Some((sync.clone(), first, None)),
-                    Some(p) => self
-                        .log_id_at(&cache, p)
-                        .map(|prev| (sync.clone(), first, Some(prev))),
-                }
-            }
-            _ => None,
-        };
+        // The leader sync to record the append in, its first index and the log ID before it.
+        let early = self
+            .early(&decoded)
+            .zip(decoded.first().map(|(first, _, _)| *first))
+            .and_then(|(sync, first)| {
+                let prev = match first.checked_sub(1) {
+                    None => None,
+                    Some(p) => Some(self.log_id_at(&cache, p)?),
+                };
+                Some((sync, first, prev))
+            });
         match self.store.log_append_unsynced(encoded) {
             Ok(()) => {
                 for (index, size, entry) in decoded {
                     cache.insert(index, entry, size);
                 }
                 drop(cache);
-                let ticket = early
-                    .as_ref()
-                    .and_then(|(sync, first, prev)| sync.begin(*first, *prev));
-                let sync = self.leader.as_ref().map(|(_, s)| s.clone());
+                let ticket = early.and_then(|(sync, first, prev)| sync.begin(first, prev));
                 match ticket {
                     Some(t) => {
                         // Recorded as pending first: nothing applies it before its sync.
                         callback.log_io_completed(Ok(()));
-                        self.flusher.submit(&self.store, Waiter::Early(t), sync);
+                        self.flusher.submit(&self.store, Waiter::Early(t));
                     }
-                    None => self
-                        .flusher
-                        .submit(&self.store, Waiter::Callback(callback), sync),
+                    None => self.flusher.submit(&self.store, Waiter::Callback(callback)),
                 }
                 // With the replication and proposer lines, a write's timeline
                 // (RUST_LOG=plinth_raft=trace, docs/benchmarks.md).

@@ -656,16 +656,6 @@ async fn t75_the_leader_replicates_while_it_syncs_but_commits_nothing_unsynced()
             let r = write.await.unwrap();
             assert!(r.result.is_ok(), "{r:?}");
             assert!(events.recv().await.is_ok());
-            assert_eq!(
-                c.node(leader)
-                    .raft()
-                    .metrics()
-                    .borrow()
-                    .last_applied
-                    .unwrap()
-                    .index,
-                new
-            );
         }
         // The followers hear the commit index without another write.
         wait_indexes(&c, "the entry applied everywhere", |v| {
