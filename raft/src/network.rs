@@ -23,6 +23,7 @@ use plinth_storage::codec::{decode, encode};
 use plinth_storage::Command;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
@@ -141,6 +142,20 @@ pub struct Peer {
     target: NodeId,
     client: Result<RaftServiceClient<Channel>, String>,
     leader_sync: Option<Arc<crate::leader_sync::LeaderSync>>,
+    /// The open AppendEntries stream, if any ([`Peer::append_streamed`]).
+    stream: Option<AppendStream>,
+    /// The peer does not serve the stream (an older server): AppendEntries go one call each.
+    unary_only: bool,
+}
+
+/// An AppendEntries stream to one peer: requests go in `tx`, answers come back on `rx` in order.
+#[derive(Debug)]
+struct AppendStream {
+    tx: mpsc::Sender<Payload>,
+    rx: tonic::Streaming<Payload>,
+    /// A request went out whose answer was not read (its call was dropped, e.g. on a timeout):
+    /// the next answer on `rx` would be that one, so the stream must not be used again.
+    awaiting: bool,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -151,6 +166,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             client: connect(&node.addr, self.tls.as_ref()),
             leader_sync: self.leader_sync.clone(),
+            stream: None,
+            unary_only: false,
         }
     }
 }
@@ -159,13 +176,19 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 #[error("{0}")]
 struct Msg(String);
 
+type RpcResult<Resp, E> = Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
+
 impl Peer {
+    fn client(&self) -> Result<RaftServiceClient<Channel>, Status> {
+        self.client.clone().map_err(Status::unavailable)
+    }
+
     async fn call<Req, Resp, E, F, Fut>(
         &mut self,
         req: &Req,
         ttl: Duration,
         rpc: F,
-    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    ) -> RpcResult<Resp, E>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
@@ -173,12 +196,30 @@ impl Peer {
         F: FnOnce(RaftServiceClient<Channel>, Payload) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Payload>, Status>>,
     {
+        let payload = pack(req).map_err(|s| RPCError::Network(NetworkError::new(&s)))?;
         let client = match &self.client {
             Ok(c) => c.clone(),
             Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&Msg(e.clone())))),
         };
-        let payload = pack(req).map_err(|s| RPCError::Network(NetworkError::new(&s)))?;
-        let reply = match tokio::time::timeout(ttl, rpc(client, payload)).await {
+        let reply = tokio::time::timeout(ttl, async move {
+            rpc(client, payload).await.map(tonic::Response::into_inner)
+        })
+        .await;
+        self.finish(reply, ttl)
+    }
+
+    /// Turns a transport outcome into openraft's: a timeout or a failed call is a network
+    /// error (an unavailable peer is unreachable), else the peer's own answer.
+    fn finish<Resp, E>(
+        &self,
+        reply: Result<Result<Payload, Status>, tokio::time::error::Elapsed>,
+        ttl: Duration,
+    ) -> RpcResult<Resp, E>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let reply = match reply {
             Err(_) => {
                 return Err(RPCError::Network(NetworkError::new(&Msg(format!(
                     "no answer from node {} within {ttl:?}",
@@ -189,11 +230,94 @@ impl Peer {
                 return Err(RPCError::Unreachable(Unreachable::new(&status)))
             }
             Ok(Err(status)) => return Err(RPCError::Network(NetworkError::new(&status))),
-            Ok(Ok(reply)) => reply.into_inner(),
+            Ok(Ok(reply)) => reply,
         };
         let result: Result<Resp, RaftError<NodeId, E>> =
             unpack(&reply).map_err(|s| RPCError::Network(NetworkError::new(&s)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+
+    /// Sends one AppendEntries on the peer's stream, opening it first if none is usable, and
+    /// reads its answer. Any failure closes the stream; the next call opens a new one.
+    async fn append_streamed(&mut self, payload: Payload) -> Result<Payload, Status> {
+        if self.stream.as_ref().is_some_and(|s| s.awaiting) {
+            self.stream = None;
+        }
+        if self.stream.is_none() {
+            let (tx, rx) = mpsc::channel(1);
+            let answers = self
+                .client()?
+                .append_entries_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await?
+                .into_inner();
+            self.stream = Some(AppendStream {
+                tx,
+                rx: answers,
+                awaiting: false,
+            });
+        }
+        let Some(stream) = self.stream.as_mut() else {
+            return Err(Status::internal("no append stream"));
+        };
+        stream.awaiting = true;
+        let answer = if stream.tx.send(payload).await.is_err() {
+            Err(Status::unavailable("the append stream to the peer closed"))
+        } else {
+            match stream.rx.message().await {
+                Ok(Some(answer)) => Ok(answer),
+                Ok(None) => Err(Status::unavailable("the peer ended the append stream")),
+                Err(status) => Err(status),
+            }
+        };
+        match answer {
+            Ok(answer) => {
+                stream.awaiting = false;
+                Ok(answer)
+            }
+            Err(status) => {
+                self.stream = None;
+                Err(status)
+            }
+        }
+    }
+
+    async fn append<Resp, E>(
+        &mut self,
+        req: &AppendEntriesRequest<TypeConfig>,
+        ttl: Duration,
+    ) -> RpcResult<Resp, E>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        if self.unary_only {
+            return self
+                .call(
+                    req,
+                    ttl,
+                    |mut c, p| async move { c.append_entries(p).await },
+                )
+                .await;
+        }
+        let payload = pack(req).map_err(|s| RPCError::Network(NetworkError::new(&s)))?;
+        let reply = tokio::time::timeout(ttl, self.append_streamed(payload)).await;
+        if let Ok(Err(status)) = &reply {
+            if status.code() == tonic::Code::Unimplemented {
+                tracing::info!(
+                    target = self.target,
+                    "peer serves no AppendEntries stream; sending one call per AppendEntries"
+                );
+                self.unary_only = true;
+                return self
+                    .call(
+                        req,
+                        ttl,
+                        |mut c, p| async move { c.append_entries(p).await },
+                    )
+                    .await;
+            }
+        }
+        self.finish(reply, ttl)
     }
 }
 
@@ -214,11 +338,7 @@ impl RaftNetwork<TypeConfig> for Peer {
         let prev = rpc.prev_log_id.map(|l| l.index);
         let entries = rpc.entries.len();
         tracing::trace!(target = self.target, entries, "append_entries send");
-        let r = self
-            .call(&rpc, option.hard_ttl(), |mut c, p| async move {
-                c.append_entries(p).await
-            })
-            .await;
+        let r = self.append(&rpc, option.hard_ttl()).await;
         // For reading a replication timeline (RUST_LOG=plinth_raft::network=trace).
         tracing::trace!(
             target = self.target,
@@ -289,6 +409,44 @@ impl pb::raft_service_server::RaftService for RaftGrpc {
         reply(&self.inner.raft.append_entries(req).await)
     }
 
+    type AppendEntriesStreamStream =
+        tokio_stream::wrappers::ReceiverStream<Result<Payload, Status>>;
+
+    /// Answers a leader's AppendEntries stream one request at a time, in order, until the
+    /// leader closes it, a request cannot be read, or this node stops.
+    async fn append_entries_stream(
+        &self,
+        request: Request<tonic::Streaming<Payload>>,
+    ) -> Result<tonic::Response<Self::AppendEntriesStreamStream>, Status> {
+        let mut requests = request.into_inner();
+        let (tx, rx) = mpsc::channel(1);
+        let this = self.clone();
+        let mut stopping = self.inner.stopping.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    _ = stopping.wait_for(|s| *s) => break,
+                    next = requests.message() => next,
+                };
+                let Ok(Some(payload)) = next else { break };
+                let answer = match unpack::<AppendEntriesRequest<TypeConfig>>(&payload) {
+                    Ok(req) => {
+                        this.heard(&req.vote);
+                        pack(&this.inner.raft.append_entries(req).await)
+                    }
+                    Err(status) => Err(status),
+                };
+                let failed = answer.is_err();
+                if tx.send(answer).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Ok(tonic::Response::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+    }
+
     async fn vote(&self, request: Request<Payload>) -> Result<tonic::Response<Payload>, Status> {
         let req: VoteRequest<NodeId> = unpack(request.get_ref())?;
         reply(&self.inner.raft.vote(req).await)
@@ -331,5 +489,203 @@ impl pb::raft_service_server::RaftService for RaftGrpc {
         _request: Request<Payload>,
     ) -> Result<tonic::Response<Payload>, Status> {
         reply(&self.inner.node_status())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use openraft::{CommittedLeaderId, Vote};
+    use pb::raft_service_server::{RaftService, RaftServiceServer};
+
+    use super::*;
+
+    /// A peer that answers AppendEntries by a script: `Success`, except that on the stream the
+    /// first answer is `HigherVote` and comes late; with `streams: false` it serves no stream.
+    #[derive(Clone)]
+    struct Scripted {
+        streams: bool,
+        late: Duration,
+        unary_calls: Arc<AtomicUsize>,
+        stream_requests: Arc<AtomicUsize>,
+    }
+
+    fn success() -> Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> {
+        Ok(AppendEntriesResponse::Success)
+    }
+
+    fn higher_vote() -> Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> {
+        Ok(AppendEntriesResponse::HigherVote(Vote::new_committed(9, 2)))
+    }
+
+    #[tonic::async_trait]
+    impl RaftService for Scripted {
+        type AppendEntriesStreamStream =
+            tokio_stream::wrappers::ReceiverStream<Result<Payload, Status>>;
+
+        async fn append_entries(
+            &self,
+            _request: Request<Payload>,
+        ) -> Result<tonic::Response<Payload>, Status> {
+            self.unary_calls.fetch_add(1, Ordering::SeqCst);
+            reply(&success())
+        }
+
+        async fn append_entries_stream(
+            &self,
+            request: Request<tonic::Streaming<Payload>>,
+        ) -> Result<tonic::Response<Self::AppendEntriesStreamStream>, Status> {
+            if !self.streams {
+                return Err(Status::unimplemented("no stream here"));
+            }
+            let mut requests = request.into_inner();
+            let (tx, rx) = mpsc::channel(4);
+            let this = self.clone();
+            tokio::spawn(async move {
+                while let Ok(Some(_)) = requests.message().await {
+                    let n = this.stream_requests.fetch_add(1, Ordering::SeqCst);
+                    let answer = if n == 0 {
+                        tokio::time::sleep(this.late).await;
+                        pack(&higher_vote())
+                    } else {
+                        pack(&success())
+                    };
+                    if tx.send(answer).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            Ok(tonic::Response::new(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            ))
+        }
+
+        async fn vote(&self, _: Request<Payload>) -> Result<tonic::Response<Payload>, Status> {
+            Err(Status::unimplemented("vote"))
+        }
+        async fn install_snapshot(
+            &self,
+            _: Request<Payload>,
+        ) -> Result<tonic::Response<Payload>, Status> {
+            Err(Status::unimplemented("install_snapshot"))
+        }
+        async fn client_write(
+            &self,
+            _: Request<Payload>,
+        ) -> Result<tonic::Response<Payload>, Status> {
+            Err(Status::unimplemented("client_write"))
+        }
+        async fn read_index(
+            &self,
+            _: Request<Payload>,
+        ) -> Result<tonic::Response<Payload>, Status> {
+            Err(Status::unimplemented("read_index"))
+        }
+        async fn change_membership(
+            &self,
+            _: Request<Payload>,
+        ) -> Result<tonic::Response<Payload>, Status> {
+            Err(Status::unimplemented("change_membership"))
+        }
+        async fn node_status(
+            &self,
+            _: Request<Payload>,
+        ) -> Result<tonic::Response<Payload>, Status> {
+            Err(Status::unimplemented("node_status"))
+        }
+    }
+
+    async fn serve(peer: Scripted) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RaftServiceServer::new(peer))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        addr
+    }
+
+    fn scripted(streams: bool, late: Duration) -> Scripted {
+        Scripted {
+            streams,
+            late,
+            unary_calls: Arc::default(),
+            stream_requests: Arc::default(),
+        }
+    }
+
+    async fn peer(addr: &str) -> Peer {
+        let mut network = Network::default();
+        network.new_client(2, &BasicNode::new(addr)).await
+    }
+
+    fn heartbeat() -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: Vote::new_committed(3, 1),
+            prev_log_id: Some(LogId::new(CommittedLeaderId::new(3, 1), 7)),
+            leader_commit: None,
+            entries: vec![],
+        }
+    }
+
+    use crate::types::LogId;
+
+    #[tokio::test]
+    async fn a_dropped_call_never_lends_its_late_answer_to_the_next() {
+        let server = scripted(true, Duration::from_millis(400));
+        let addr = serve(server.clone()).await;
+        let mut p = peer(&addr).await;
+        let ttl = RPCOption::new(Duration::from_millis(150));
+        let first = p.append_entries(heartbeat(), ttl.clone()).await;
+        assert!(
+            matches!(first, Err(RPCError::Network(_))),
+            "the first answer comes after the deadline: {first:?}"
+        );
+        // The late HigherVote is still on its way down the old stream; the next call must not
+        // take it for its own answer.
+        let second = p.append_entries(heartbeat(), ttl.clone()).await.unwrap();
+        assert_eq!(second, AppendEntriesResponse::Success);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let third = p.append_entries(heartbeat(), ttl).await.unwrap();
+        assert_eq!(third, AppendEntriesResponse::Success);
+        assert_eq!(server.stream_requests.load(Ordering::SeqCst), 3);
+        assert_eq!(
+            server.unary_calls.load(Ordering::SeqCst),
+            0,
+            "all went on streams"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_carries_answers_in_order_on_one_stream() {
+        let server = scripted(true, Duration::ZERO);
+        let addr = serve(server.clone()).await;
+        let mut p = peer(&addr).await;
+        let ttl = RPCOption::new(Duration::from_secs(2));
+        let first = p.append_entries(heartbeat(), ttl.clone()).await.unwrap();
+        assert!(matches!(first, AppendEntriesResponse::HigherVote(_)));
+        for _ in 0..5 {
+            let r = p.append_entries(heartbeat(), ttl.clone()).await.unwrap();
+            assert_eq!(r, AppendEntriesResponse::Success);
+        }
+        // Only the first request on a stream gets the HigherVote: all six went on one stream.
+        assert_eq!(server.stream_requests.load(Ordering::SeqCst), 6);
+    }
+
+    #[tokio::test]
+    async fn a_peer_without_the_stream_gets_one_call_per_append() {
+        let server = scripted(false, Duration::ZERO);
+        let addr = serve(server.clone()).await;
+        let mut p = peer(&addr).await;
+        let ttl = RPCOption::new(Duration::from_secs(2));
+        for _ in 0..3 {
+            let r = p.append_entries(heartbeat(), ttl.clone()).await.unwrap();
+            assert_eq!(r, AppendEntriesResponse::Success);
+        }
+        assert!(p.unary_only);
+        assert_eq!(server.unary_calls.load(Ordering::SeqCst), 3);
     }
 }

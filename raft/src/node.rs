@@ -248,6 +248,9 @@ pub(crate) struct Inner {
     pub(crate) contact: Arc<crate::election::LeaderContact>,
     /// Connections for forwarded writes, reads and membership changes.
     peers: PeerClients,
+    /// Set when the node stops: ends the AppendEntries streams it serves, which would otherwise
+    /// keep the peer API's graceful shutdown waiting on the leader.
+    pub(crate) stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// One client connection per peer for forwarding, opened on first use and kept: before, each
@@ -523,6 +526,7 @@ impl RaftNode {
             proposer,
             contact,
             peers: PeerClients::default(),
+            stopping: tokio::sync::watch::channel(false).0,
         });
         let service = RaftServiceServer::new(RaftGrpc {
             inner: inner.clone(),
@@ -816,6 +820,7 @@ impl RaftNode {
             .map_err(|e| NodeError::Raft(e.to_string()))?;
         // A log sync may still be running; it holds the database open.
         self.inner.flusher.wait_idle().await;
+        self.inner.stopping.send_replace(true);
         if let Some(stop) = self.stop_server.take() {
             let _ = stop.send(());
         }

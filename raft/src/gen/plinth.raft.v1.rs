@@ -118,6 +118,34 @@ pub mod raft_service_client {
                 .insert(GrpcMethod::new("plinth.raft.v1.RaftService", "AppendEntries"));
             self.inner.unary(req, path, codec).await
         }
+        /// The same, as a stream kept open by the leader: one answer per request, in order. Saves each
+        /// AppendEntries an HTTP/2 stream of its own (headers, trailers, a task hand-off each way).
+        pub async fn append_entries_stream(
+            &mut self,
+            request: impl tonic::IntoStreamingRequest<Message = super::Payload>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::Payload>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/plinth.raft.v1.RaftService/AppendEntriesStream",
+            );
+            let mut req = request.into_streaming_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("plinth.raft.v1.RaftService", "AppendEntriesStream"),
+                );
+            self.inner.streaming(req, path, codec).await
+        }
         /// openraft VoteRequest -> Result\<VoteResponse, RaftError>
         pub async fn vote(
             &mut self,
@@ -274,6 +302,21 @@ pub mod raft_service_server {
             &self,
             request: tonic::Request<super::Payload>,
         ) -> std::result::Result<tonic::Response<super::Payload>, tonic::Status>;
+        /// Server streaming response type for the AppendEntriesStream method.
+        type AppendEntriesStreamStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::Payload, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// The same, as a stream kept open by the leader: one answer per request, in order. Saves each
+        /// AppendEntries an HTTP/2 stream of its own (headers, trailers, a task hand-off each way).
+        async fn append_entries_stream(
+            &self,
+            request: tonic::Request<tonic::Streaming<super::Payload>>,
+        ) -> std::result::Result<
+            tonic::Response<Self::AppendEntriesStreamStream>,
+            tonic::Status,
+        >;
         /// openraft VoteRequest -> Result\<VoteResponse, RaftError>
         async fn vote(
             &self,
@@ -420,6 +463,51 @@ pub mod raft_service_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/plinth.raft.v1.RaftService/AppendEntriesStream" => {
+                    #[allow(non_camel_case_types)]
+                    struct AppendEntriesStreamSvc<T: RaftService>(pub Arc<T>);
+                    impl<T: RaftService> tonic::server::StreamingService<super::Payload>
+                    for AppendEntriesStreamSvc<T> {
+                        type Response = super::Payload;
+                        type ResponseStream = T::AppendEntriesStreamStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<tonic::Streaming<super::Payload>>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as RaftService>::append_entries_stream(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = AppendEntriesStreamSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.streaming(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)
