@@ -4,6 +4,11 @@ use clap::Parser;
 use plinth_server::cli::{self, Cli, Cmd};
 use plinth_server::config::Config;
 
+/// mimalloc in place of glibc's malloc: allocation and free were about 12% of the leader's
+/// CPU under load in `raft-bench` (docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn init_tracing(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level.to_ascii_lowercase()));
