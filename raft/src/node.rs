@@ -69,7 +69,9 @@ pub struct RaftConfig {
     /// development, and only when set explicitly.
     pub insecure_plaintext: bool,
     /// As leader, replicate new entries while this node syncs them, instead of after
-    /// ([`crate::leader_sync`]). On by default; off only to measure what it saves.
+    /// ([`crate::leader_sync`]). Off by default: on this project's benchmark machine it gained
+    /// no throughput and had a longer p99 (docs/benchmarks.md); it can pay on a disk whose
+    /// sync is slow next to the network round trip.
     pub parallel_leader_sync: bool,
 }
 
@@ -102,7 +104,7 @@ impl RaftConfig {
             request_timeout: Duration::from_secs(5),
             tls: None,
             insecure_plaintext: false,
-            parallel_leader_sync: true,
+            parallel_leader_sync: false,
         }
     }
 

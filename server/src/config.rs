@@ -150,9 +150,9 @@ pub struct ClusterSection {
     #[serde(default = "default_logs_kept_after_snapshot")]
     pub logs_kept_after_snapshot: u64,
     /// As leader, replicate new entries while syncing them rather than after; nothing counts as
-    /// committed until it is durable on the leader too (docs/benchmarks.md). Off only to
-    /// measure what it saves.
-    #[serde(default = "default_true")]
+    /// committed until it is durable on the leader too. Off by default: it gained no
+    /// throughput where measured and had a longer p99 (docs/benchmarks.md).
+    #[serde(default)]
     pub parallel_leader_sync: bool,
 }
 
@@ -172,7 +172,7 @@ impl Default for ClusterSection {
             heartbeat_interval_ms: default_heartbeat(),
             snapshot_after_logs: default_snapshot_after_logs(),
             logs_kept_after_snapshot: default_logs_kept_after_snapshot(),
-            parallel_leader_sync: true,
+            parallel_leader_sync: false,
         }
     }
 }
