@@ -29,7 +29,7 @@
 //!
 //! Opt-in (`RaftConfig::parallel_leader_sync`, `[cluster] parallel_leader_sync`): on the
 //! benchmark machine it gained 0-12% of a lone client's throughput, within the noise of a run,
-//! and had the longer p99 in most runs (docs/benchmarks.md).
+//! and had the longer p99 in every A/B pair (docs/benchmarks.md).
 //!
 //! A membership entry keeps the synced callback: openraft moves a joint configuration on when it
 //! sees it committed, and that step must rest on a real majority.
