@@ -9,9 +9,16 @@
 //! deterministically, to the same revisions. The next log sync makes applied batches durable
 //! too, and so does the write-ahead-log sync that follows saving a snapshot, so nothing is
 //! purged from the log before the state it produced is on disk. Reads never see the gap:
-//! linearizable reads wait for the applied index. Snapshots are read from one RocksDB snapshot,
-//! so they are consistent while apply goes on; they are built and saved on the blocking pool,
-//! as a file beside the database (`Store::snapshot_put`).
+//! linearizable reads wait for the applied index.
+//!
+//! The database is the snapshot. Building one (openraft asks every `snapshot_after_logs`
+//! entries, to purge the log) only records a snapshot point: the applied log ID and membership,
+//! made durable with the write-ahead log, in a small file beside the database
+//! (`Store::snapshot_put`); it no longer copies the state, which cost every server O(state)
+//! each time (docs/benchmarks.md). Only when a snapshot is sent to a follower (or openraft
+//! reads it at startup) is the state exported, from one RocksDB snapshot, so it is consistent
+//! while apply goes on, with the applied log ID it was read at: never before the recorded
+//! point, so the log it needs after it is still there. Both run on the blocking pool.
 
 use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -183,39 +190,66 @@ fn build_stored_snapshot(store: &Store, n: u64) -> Result<StoredSnapshot, Storag
         Some(bytes) => decode(T_SM, &bytes).map_err(sm_read)?,
         None => AppliedState::default(),
     };
+    let meta = snapshot_meta(applied, n);
+    Ok(StoredSnapshot { meta, data })
+}
+
+fn snapshot_meta(applied: AppliedState, n: u64) -> SnapshotMeta {
     let snapshot_id = match applied.last_applied {
         Some(id) => format!("{}-{}-{}-{n}", id.leader_id, id.index, std::process::id()),
         None => format!("none-{}-{n}", std::process::id()),
     };
-    let meta = SnapshotMeta {
+    SnapshotMeta {
         last_log_id: applied.last_applied,
         last_membership: applied.membership,
         snapshot_id,
+    }
+}
+
+/// Records a snapshot point: the state applied now, made durable (the write-ahead log synced),
+/// so that openraft may purge the log up to it. The state itself is not copied: the database
+/// is the snapshot, exported only when one is sent ([`StateMachine::get_current_snapshot`]).
+fn record_snapshot_point(store: &Store, n: u64) -> Result<SnapshotMeta, StorageError> {
+    let applied: AppliedState = match store.applied_state().map_err(sm_read)? {
+        Some(bytes) => decode(T_SM, &bytes).map_err(sm_read)?,
+        None => AppliedState::default(),
     };
-    Ok(StoredSnapshot { meta, data })
+    store.sync().map_err(sm_write)?;
+    Ok(snapshot_meta(applied, n))
+}
+
+/// Saves `meta` as the current snapshot point unless a newer one is saved already.
+fn save_snapshot_point(store: &Store, meta: &SnapshotMeta) -> Result<(), StorageError> {
+    let newer_exists =
+        current_snapshot_meta(store)?.is_some_and(|cur| cur.last_log_id > meta.last_log_id);
+    if !newer_exists {
+        save_snapshot(
+            store,
+            &StoredSnapshot {
+                meta: meta.clone(),
+                data: Vec::new(),
+            },
+        )?;
+    }
+    Ok(())
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    /// Records the snapshot point only (see [`record_snapshot_point`]); openraft uses just the
+    /// metadata of what this returns, to purge the log. The data it returns is empty.
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
         let n = self.shared.counter.fetch_add(1, Ordering::Relaxed);
+        let _guard = self.shared.lock.lock().await;
         let store = self.store.clone();
-        let stored = blocking(move || build_stored_snapshot(&store, n)).await?;
-        let stored = {
-            let _guard = self.shared.lock.lock().await;
-            let store = self.store.clone();
-            blocking(move || {
-                let newer_exists = current_snapshot_meta(&store)?
-                    .is_some_and(|cur| cur.last_log_id > stored.meta.last_log_id);
-                if !newer_exists {
-                    save_snapshot(&store, &stored)?;
-                }
-                Ok(stored)
-            })
-            .await?
-        };
+        let meta = blocking(move || {
+            let meta = record_snapshot_point(&store, n)?;
+            save_snapshot_point(&store, &meta)?;
+            Ok(meta)
+        })
+        .await?;
         Ok(Snapshot {
-            meta: stored.meta,
-            snapshot: Box::new(Cursor::new(stored.data)),
+            meta,
+            snapshot: Box::new(Cursor::new(Vec::new())),
         })
     }
 }
@@ -308,12 +342,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
         };
+        drop(data);
         let store = self.store.clone();
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data,
-        };
-        blocking(move || save_snapshot(&store, &stored)).await?;
+        let point = meta.clone();
+        blocking(move || save_snapshot_point(&store, &point)).await?;
         let revision = self.store.revision().map_err(sm_read)?;
         self.publish(vec![ChangeEvent {
             revision,
@@ -323,13 +355,27 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
+    /// `None` until a snapshot point was recorded (built or installed); then the state as
+    /// applied now, exported from one RocksDB snapshot, with its own applied log ID: at or
+    /// after the point, so the log it needs was not purged.
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
         let store = self.store.clone();
-        Ok(blocking(move || current_snapshot(&store))
-            .await?
-            .map(|s| Snapshot {
-                meta: s.meta,
-                snapshot: Box::new(Cursor::new(s.data)),
-            }))
+        let n = self.snapshots.counter.fetch_add(1, Ordering::Relaxed);
+        Ok(blocking(move || {
+            let Some(point) = current_snapshot_meta(&store)? else {
+                return Ok(None);
+            };
+            let mut s = build_stored_snapshot(&store, n)?;
+            // Nothing applied since the point: the same state, so the same snapshot.
+            if s.meta.last_log_id == point.last_log_id {
+                s.meta.snapshot_id = point.snapshot_id;
+            }
+            Ok(Some(s))
+        })
+        .await?
+        .map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
     }
 }

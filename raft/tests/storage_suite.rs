@@ -24,3 +24,93 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Roc
 fn t10_openraft_storage_suite() {
     Suite::test_all(RocksBuilder).unwrap();
 }
+
+mod snapshot_point {
+    use std::io::Cursor;
+
+    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+    use plinth_spiffe::{Selectors, SpiffeId};
+    use plinth_storage::{Command, Proposal, RegistrationEntry};
+
+    use super::*;
+
+    fn create(index: u64) -> Entry<TypeConfig> {
+        let entry = RegistrationEntry::new(
+            format!("entry-{index}"),
+            SpiffeId::new(&format!("spiffe://example.org/w/{index}")).unwrap(),
+            SpiffeId::new("spiffe://example.org/agent").unwrap(),
+            // A long selector, so that a copy of the state would show in the file's size.
+            Selectors::parse_all(&[format!("unix:path:/{}{index}", "x".repeat(2000))]).unwrap(),
+        );
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Proposal {
+                now: 1_700_000_000,
+                command: Command::EntryCreate { entry },
+            }),
+        }
+    }
+
+    fn open(dir: &std::path::Path) -> (Store, StateMachine) {
+        let store = Store::open(dir).unwrap();
+        let (tx, _) = tokio::sync::broadcast::channel(16);
+        let sm = StateMachine::open(store.clone(), tx).unwrap();
+        (store, sm)
+    }
+
+    #[tokio::test]
+    async fn t20_a_snapshot_point_copies_nothing_and_a_sent_snapshot_is_the_state_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, mut sm) = open(&dir.path().join("a"));
+        assert!(
+            sm.get_current_snapshot().await.unwrap().is_none(),
+            "no point yet"
+        );
+        sm.apply((1..=50).map(create)).await.unwrap();
+
+        let built = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        assert_eq!(built.meta.last_log_id.map(|l| l.index), Some(50));
+        let file = std::fs::metadata(store.snapshot_path()).unwrap().len();
+        assert!(
+            file < 4096,
+            "the point holds metadata only, not the ~100 KB state: {file} bytes"
+        );
+
+        // Applied on after the point: a snapshot sent now is the state now, not at the point.
+        sm.apply((51..=60).map(create)).await.unwrap();
+        let sent = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(sent.meta.last_log_id.map(|l| l.index), Some(60));
+        assert_ne!(sent.meta.snapshot_id, built.meta.snapshot_id);
+
+        // Installed on another node, it gives the same entries and applied state.
+        let (other_store, mut other) = open(&dir.path().join("b"));
+        let data: Box<Cursor<Vec<u8>>> = sent.snapshot;
+        other.install_snapshot(&sent.meta, data).await.unwrap();
+        assert_eq!(
+            other.applied_state().await.unwrap().0,
+            sent.meta.last_log_id
+        );
+        let ids = |s: &Store| {
+            let mut v: Vec<String> = s
+                .list_entries()
+                .unwrap()
+                .into_iter()
+                .map(|e| e.id)
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(ids(&other_store).len(), 60);
+        assert_eq!(ids(&other_store), ids(&store));
+        // Its own point is the installed snapshot, and what it would send on is that state.
+        let again = other.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(again.meta.last_log_id, sent.meta.last_log_id);
+        assert_eq!(again.meta.snapshot_id, sent.meta.snapshot_id);
+    }
+}
