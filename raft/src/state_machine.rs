@@ -235,7 +235,7 @@ fn save_snapshot_point(store: &Store, meta: &SnapshotMeta) -> Result<(), Storage
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
-    /// Records the snapshot point only (see [`record_snapshot_point`]); openraft uses just the
+    /// Records the snapshot point only (see `record_snapshot_point`); openraft uses just the
     /// metadata of what this returns, to purge the log. The data it returns is empty.
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
         let n = self.shared.counter.fetch_add(1, Ordering::Relaxed);
