@@ -142,7 +142,9 @@ pub struct Peer {
     target: NodeId,
     client: Result<RaftServiceClient<Channel>, String>,
     leader_sync: Option<Arc<crate::leader_sync::LeaderSync>>,
-    /// The open AppendEntries stream, if any ([`Peer::append_streamed`]).
+    /// The open AppendEntries stream, if any ([`Peer::append_streamed`]). A call takes it out
+    /// and puts it back only once it read its answer, so a call dropped halfway (on a timeout)
+    /// drops the stream with it: its late answer is never read as the next request's.
     stream: Option<AppendStream>,
     /// The peer does not serve the stream (an older server): AppendEntries go one call each.
     unary_only: bool,
@@ -153,9 +155,6 @@ pub struct Peer {
 struct AppendStream {
     tx: mpsc::Sender<Payload>,
     rx: tonic::Streaming<Payload>,
-    /// A request went out whose answer was not read (its call was dropped, e.g. on a timeout):
-    /// the next answer on `rx` would be that one, so the stream must not be used again.
-    awaiting: bool,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -197,12 +196,9 @@ impl Peer {
         Fut: Future<Output = Result<tonic::Response<Payload>, Status>>,
     {
         let payload = pack(req).map_err(|s| RPCError::Network(NetworkError::new(&s)))?;
-        let client = match &self.client {
-            Ok(c) => c.clone(),
-            Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&Msg(e.clone())))),
-        };
+        let client = self.client();
         let reply = tokio::time::timeout(ttl, async move {
-            rpc(client, payload).await.map(tonic::Response::into_inner)
+            rpc(client?, payload).await.map(tonic::Response::into_inner)
         })
         .await;
         self.finish(reply, ttl)
@@ -237,47 +233,30 @@ impl Peer {
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 
-    /// Sends one AppendEntries on the peer's stream, opening it first if none is usable, and
-    /// reads its answer. Any failure closes the stream; the next call opens a new one.
+    /// Sends one AppendEntries on the peer's stream, opening one first if none is kept, and
+    /// reads its answer. The stream is kept for the next call only after a read answer.
     async fn append_streamed(&mut self, payload: Payload) -> Result<Payload, Status> {
-        if self.stream.as_ref().is_some_and(|s| s.awaiting) {
-            self.stream = None;
-        }
-        if self.stream.is_none() {
-            let (tx, rx) = mpsc::channel(1);
-            let answers = self
-                .client()?
-                .append_entries_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await?
-                .into_inner();
-            self.stream = Some(AppendStream {
-                tx,
-                rx: answers,
-                awaiting: false,
-            });
-        }
-        let Some(stream) = self.stream.as_mut() else {
-            return Err(Status::internal("no append stream"));
-        };
-        stream.awaiting = true;
-        let answer = if stream.tx.send(payload).await.is_err() {
-            Err(Status::unavailable("the append stream to the peer closed"))
-        } else {
-            match stream.rx.message().await {
-                Ok(Some(answer)) => Ok(answer),
-                Ok(None) => Err(Status::unavailable("the peer ended the append stream")),
-                Err(status) => Err(status),
+        let mut stream = match self.stream.take() {
+            Some(stream) => stream,
+            None => {
+                let (tx, rx) = mpsc::channel(1);
+                let answers = self
+                    .client()?
+                    .append_entries_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await?
+                    .into_inner();
+                AppendStream { tx, rx: answers }
             }
         };
-        match answer {
-            Ok(answer) => {
-                stream.awaiting = false;
+        if stream.tx.send(payload).await.is_err() {
+            return Err(Status::unavailable("the append stream to the peer closed"));
+        }
+        match stream.rx.message().await? {
+            Some(answer) => {
+                self.stream = Some(stream);
                 Ok(answer)
             }
-            Err(status) => {
-                self.stream = None;
-                Err(status)
-            }
+            None => Err(Status::unavailable("the peer ended the append stream")),
         }
     }
 
@@ -290,34 +269,26 @@ impl Peer {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        if self.unary_only {
-            return self
-                .call(
-                    req,
-                    ttl,
-                    |mut c, p| async move { c.append_entries(p).await },
-                )
-                .await;
-        }
-        let payload = pack(req).map_err(|s| RPCError::Network(NetworkError::new(&s)))?;
-        let reply = tokio::time::timeout(ttl, self.append_streamed(payload)).await;
-        if let Ok(Err(status)) = &reply {
-            if status.code() == tonic::Code::Unimplemented {
-                tracing::info!(
-                    target = self.target,
-                    "peer serves no AppendEntries stream; sending one call per AppendEntries"
-                );
-                self.unary_only = true;
-                return self
-                    .call(
-                        req,
-                        ttl,
-                        |mut c, p| async move { c.append_entries(p).await },
-                    )
-                    .await;
+        if !self.unary_only {
+            let payload = pack(req).map_err(|s| RPCError::Network(NetworkError::new(&s)))?;
+            let reply = tokio::time::timeout(ttl, self.append_streamed(payload)).await;
+            match &reply {
+                Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+                    tracing::info!(
+                        target = self.target,
+                        "peer serves no AppendEntries stream; sending one call per AppendEntries"
+                    );
+                    self.unary_only = true;
+                }
+                _ => return self.finish(reply, ttl),
             }
         }
-        self.finish(reply, ttl)
+        self.call(
+            req,
+            ttl,
+            |mut c, p| async move { c.append_entries(p).await },
+        )
+        .await
     }
 }
 
@@ -389,6 +360,13 @@ impl RaftGrpc {
         let current = self.inner.raft.server_metrics().borrow().vote;
         self.inner.contact.heard(vote, &current);
     }
+
+    /// One AppendEntries, from a unary call or a stream: this node's Raft's answer, packed.
+    async fn append_one(&self, payload: &Payload) -> Result<Payload, Status> {
+        let req: AppendEntriesRequest<TypeConfig> = unpack(payload)?;
+        self.heard(&req.vote);
+        pack(&self.inner.raft.append_entries(req).await)
+    }
 }
 
 fn reply<T>(value: &T) -> Result<tonic::Response<Payload>, Status>
@@ -404,9 +382,9 @@ impl pb::raft_service_server::RaftService for RaftGrpc {
         &self,
         request: Request<Payload>,
     ) -> Result<tonic::Response<Payload>, Status> {
-        let req: AppendEntriesRequest<TypeConfig> = unpack(request.get_ref())?;
-        self.heard(&req.vote);
-        reply(&self.inner.raft.append_entries(req).await)
+        self.append_one(request.get_ref())
+            .await
+            .map(tonic::Response::new)
     }
 
     type AppendEntriesStreamStream =
@@ -429,13 +407,7 @@ impl pb::raft_service_server::RaftService for RaftGrpc {
                     next = requests.message() => next,
                 };
                 let Ok(Some(payload)) = next else { break };
-                let answer = match unpack::<AppendEntriesRequest<TypeConfig>>(&payload) {
-                    Ok(req) => {
-                        this.heard(&req.vote);
-                        pack(&this.inner.raft.append_entries(req).await)
-                    }
-                    Err(status) => Err(status),
-                };
+                let answer = this.append_one(&payload).await;
                 let failed = answer.is_err();
                 if tx.send(answer).await.is_err() || failed {
                     break;

@@ -70,8 +70,8 @@ pub struct RaftConfig {
     pub insecure_plaintext: bool,
     /// As leader, replicate new entries while this node syncs them, instead of after
     /// ([`crate::leader_sync`]). Off by default: on this project's benchmark machine it gained
-    /// no throughput and had a longer p99 (docs/benchmarks.md); it can pay on a disk whose
-    /// sync is slow next to the network round trip.
+    /// 0-12% of 1-client throughput, within run-to-run noise, and had the longer p99
+    /// (docs/benchmarks.md); it can pay on a disk whose sync is slow next to the network.
     pub parallel_leader_sync: bool,
 }
 

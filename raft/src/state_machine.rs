@@ -49,6 +49,13 @@ struct AppliedState {
     membership: StoredMembership,
 }
 
+impl AppliedState {
+    /// Decodes the applied state as the store keeps it; none recorded yet is the default.
+    fn decode(bytes: Option<Vec<u8>>) -> Result<Self, plinth_storage::StorageError> {
+        bytes.map_or_else(|| Ok(Self::default()), |b| decode(T_SM, &b))
+    }
+}
+
 /// A snapshot as saved: its metadata (encoded apart) and the state export.
 struct StoredSnapshot {
     meta: SnapshotMeta,
@@ -99,10 +106,7 @@ impl StateMachine {
         store: Store,
         changes: broadcast::Sender<ChangeEvent>,
     ) -> Result<Self, plinth_storage::StorageError> {
-        let applied = match store.applied_state()? {
-            Some(bytes) => decode(T_SM, &bytes)?,
-            None => AppliedState::default(),
-        };
+        let applied = AppliedState::decode(store.applied_state()?)?;
         Ok(Self {
             store,
             leader_sync: None,
@@ -186,10 +190,7 @@ where
 
 fn build_stored_snapshot(store: &Store, n: u64) -> Result<StoredSnapshot, StorageError> {
     let (data, applied) = store.export_state().map_err(sm_read)?;
-    let applied: AppliedState = match applied {
-        Some(bytes) => decode(T_SM, &bytes).map_err(sm_read)?,
-        None => AppliedState::default(),
-    };
+    let applied = AppliedState::decode(applied).map_err(sm_read)?;
     let meta = snapshot_meta(applied, n);
     Ok(StoredSnapshot { meta, data })
 }
@@ -210,10 +211,7 @@ fn snapshot_meta(applied: AppliedState, n: u64) -> SnapshotMeta {
 /// so that openraft may purge the log up to it. The state itself is not copied: the database
 /// is the snapshot, exported only when one is sent ([`StateMachine::get_current_snapshot`]).
 fn record_snapshot_point(store: &Store, n: u64) -> Result<SnapshotMeta, StorageError> {
-    let applied: AppliedState = match store.applied_state().map_err(sm_read)? {
-        Some(bytes) => decode(T_SM, &bytes).map_err(sm_read)?,
-        None => AppliedState::default(),
-    };
+    let applied = AppliedState::decode(store.applied_state().map_err(sm_read)?).map_err(sm_read)?;
     store.sync().map_err(sm_write)?;
     Ok(snapshot_meta(applied, n))
 }
@@ -319,15 +317,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let data = snapshot.into_inner();
         let _guard = self.snapshots.lock.lock().await;
         let store = self.store.clone();
-        let (applied, data) = blocking(move || {
-            let applied = store.import_state(&data).map_err(snap_err)?;
-            Ok((applied, data))
-        })
-        .await?;
-        let applied: AppliedState = match applied {
-            Some(bytes) => decode(T_SM, &bytes).map_err(snap_err)?,
-            None => AppliedState::default(),
-        };
+        let applied = blocking(move || store.import_state(&data).map_err(snap_err)).await?;
+        let applied = AppliedState::decode(applied).map_err(snap_err)?;
         if applied.last_applied != meta.last_log_id {
             return Err(StorageIOError::write_snapshot(
                 Some(meta.signature()),
@@ -342,7 +333,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
         };
-        drop(data);
         let store = self.store.clone();
         let point = meta.clone();
         blocking(move || save_snapshot_point(&store, &point)).await?;

@@ -150,8 +150,8 @@ pub struct ClusterSection {
     #[serde(default = "default_logs_kept_after_snapshot")]
     pub logs_kept_after_snapshot: u64,
     /// As leader, replicate new entries while syncing them rather than after; nothing counts as
-    /// committed until it is durable on the leader too. Off by default: it gained no
-    /// throughput where measured and had a longer p99 (docs/benchmarks.md).
+    /// committed until it is durable on the leader too. Off by default: where measured its
+    /// gain was within run-to-run noise and its p99 the longer (docs/benchmarks.md).
     #[serde(default)]
     pub parallel_leader_sync: bool,
 }
