@@ -150,9 +150,9 @@ pub struct ClusterSection {
     #[serde(default = "default_logs_kept_after_snapshot")]
     pub logs_kept_after_snapshot: u64,
     /// As leader, replicate new entries while syncing them rather than after; nothing counts as
-    /// committed until it is durable on the leader too. Off by default: where measured its
-    /// gain was within run-to-run noise and its p99 the longer (docs/benchmarks.md).
-    #[serde(default)]
+    /// committed until it is durable on the leader too. On by default (see
+    /// `plinth_raft::node::RaftConfig::parallel_leader_sync` and docs/benchmarks.md).
+    #[serde(default = "default_parallel_leader_sync")]
     pub parallel_leader_sync: bool,
 }
 
@@ -172,7 +172,7 @@ impl Default for ClusterSection {
             heartbeat_interval_ms: default_heartbeat(),
             snapshot_after_logs: default_snapshot_after_logs(),
             logs_kept_after_snapshot: default_logs_kept_after_snapshot(),
-            parallel_leader_sync: false,
+            parallel_leader_sync: default_parallel_leader_sync(),
         }
     }
 }
@@ -311,6 +311,9 @@ fn default_snapshot_after_logs() -> u64 {
 }
 fn default_logs_kept_after_snapshot() -> u64 {
     plinth_raft::node::DEFAULT_LOGS_KEPT_AFTER_SNAPSHOT
+}
+fn default_parallel_leader_sync() -> bool {
+    plinth_raft::node::DEFAULT_PARALLEL_LEADER_SYNC
 }
 fn default_health_bind() -> String {
     "localhost".into()

@@ -71,10 +71,11 @@ struct Args {
     /// still talk to its leader).
     #[arg(long)]
     via_follower: bool,
-    /// Run plinth's leader with parallel leader sync: it replicates new entries while it syncs
-    /// them (`[cluster] parallel_leader_sync = true`; off by default), to measure the difference.
+    /// Run plinth's leader with serial leader sync: it syncs new entries before it replicates
+    /// them (`[cluster] parallel_leader_sync = false`; parallel is the default), to measure the
+    /// difference.
     #[arg(long)]
-    parallel_leader_sync: bool,
+    serial_leader_sync: bool,
     /// Keep the work directory (data and each server's log) after the run, and print its path.
     #[arg(long)]
     keep_work_dir: bool,
@@ -223,7 +224,7 @@ async fn main() -> anyhow::Result<()> {
         heartbeat_ms: args.heartbeat_ms,
         snapshot_after_logs: args.snapshot_after_logs,
         logs_kept_after_snapshot: args.logs_kept_after_snapshot,
-        parallel_leader_sync: args.parallel_leader_sync,
+        parallel_leader_sync: !args.serial_leader_sync,
     };
 
     eprintln!("starting plinth (3 processes) and etcd (3 members) ...");
