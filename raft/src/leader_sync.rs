@@ -29,8 +29,9 @@
 //!
 //! On by default (`RaftConfig::parallel_leader_sync`, `[cluster] parallel_leader_sync`): on a
 //! benchmark machine whose disk syncs in about 0.3 ms it raised a lone client's throughput by
-//! 15-30% at no worse a p99; on one syncing in 0.15 ms it gained 0-12%, within the noise of a
-//! run, with the longer p99 in most A/B pairs (docs/benchmarks.md).
+//! about a quarter (18-48% in six interleaved pairs) with a p99 closer to etcd's; on one
+//! syncing in 0.15 ms it gained 0-12%, within the noise of a run, with the longer p99 in most
+//! A/B pairs (docs/benchmarks.md).
 //!
 //! A membership entry keeps the synced callback: openraft moves a joint configuration on when it
 //! sees it committed, and that step must rest on a real majority.

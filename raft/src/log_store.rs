@@ -6,13 +6,12 @@
 //! toward a commit or answer a leader) only after an fsync that covers them. Appends use group
 //! commit: each is written to RocksDB's write-ahead log unsynced and returns at once, and one
 //! background sync then completes every append written before it started, so concurrent
-//! writes share an fsync. On the established leader with parallel leader sync (the default), the
-//! callback of its own entries comes before the sync, so that openraft 0.9 replicates them
-//! while the leader syncs; what keeps
-//! such an entry from counting toward anything visible until it is durable is in
-//! [`crate::leader_sync`]. The committed index is
-//! written unsynced: Raft does not need it durable (a restarted node learns it again), and it
-//! reaches disk with the next log sync.
+//! writes share an fsync. On the established leader with parallel leader sync (the default),
+//! the callback of its own entries comes before the sync, so that openraft 0.9 replicates them
+//! while the leader syncs; what keeps such an entry from counting toward anything visible until
+//! it is durable is in [`crate::leader_sync`]. The committed index is written unsynced: Raft
+//! does not need it durable (a restarted node learns it again), and it reaches disk with the
+//! next log sync.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};

@@ -73,8 +73,9 @@ pub struct RaftConfig {
     pub insecure_plaintext: bool,
     /// As leader, replicate new entries while this node syncs them, instead of after
     /// ([`crate::leader_sync`]). On by default: where a sync takes 0.3 ms it raised 1-client
-    /// throughput by 15-30% at no worse a p99; where it took 0.15 ms it gained 0-12% with a
-    /// longer p99 in most pairs (docs/benchmarks.md). `false` is openraft 0.9's own order.
+    /// throughput by about a quarter with a p99 closer to etcd's; where it took 0.15 ms it
+    /// gained 0-12% with a longer p99 in most pairs (docs/benchmarks.md). `false` is openraft
+    /// 0.9's own order.
     pub parallel_leader_sync: bool,
 }
 

@@ -595,6 +595,20 @@ data_dir = "/tmp/x"
     }
 
     #[test]
+    fn parallel_leader_sync_is_on_unless_turned_off() {
+        let with = |cluster: &str| format!("{MIN}\n[cluster]\n{cluster}\n");
+        for (text, want) in [
+            (MIN.to_owned(), true),
+            (with("node_id = 1"), true),
+            (with("parallel_leader_sync = false"), false),
+            (with("parallel_leader_sync = true"), true),
+        ] {
+            let c = Config::parse(&text, false).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(c.file.cluster.parallel_leader_sync, want, "{text}");
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_named() {
         let text = MIN.replace("data_dir", "data_dirr");
         let e = Config::parse(&text, false).unwrap_err().to_string();
