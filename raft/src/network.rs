@@ -134,6 +134,8 @@ pub struct Network {
     pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
     /// Holds the commit index sent to followers below the leader's unsynced entries.
     pub(crate) leader_sync: Option<Arc<crate::leader_sync::LeaderSync>>,
+    /// Send commit notices ahead of their answers ([`Peer::may_send_ahead`]).
+    pub(crate) pipeline_commit_notices: bool,
 }
 
 /// The connection to one peer.
@@ -148,6 +150,10 @@ pub struct Peer {
     stream: Option<AppendStream>,
     /// The peer does not serve the stream (an older server): AppendEntries go one call each.
     unary_only: bool,
+    /// Send commit notices ahead of their answers ([`Peer::may_send_ahead`]).
+    pipeline_notices: bool,
+    /// What the peer last answered `Success` to on the kept stream, if the stream is kept.
+    acked: Option<Acked>,
 }
 
 /// An AppendEntries stream to one peer: requests go in `tx`, answers come back on `rx` in order.
@@ -155,6 +161,18 @@ pub struct Peer {
 struct AppendStream {
     tx: mpsc::Sender<Payload>,
     rx: tonic::Streaming<Payload>,
+    /// The first unread answer belongs to a commit notice sent ahead (already reported as
+    /// accepted); it must be read, and be `Success`, before the next request's own answer.
+    owed: bool,
+}
+
+/// A request the peer accepted: the leader's vote, the last log ID the peer then held from
+/// this leader (its matching point), and the highest commit index sent since.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Acked {
+    vote: crate::types::Vote,
+    last: Option<crate::types::LogId>,
+    commit: Option<crate::types::LogId>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -167,6 +185,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             leader_sync: self.leader_sync.clone(),
             stream: None,
             unary_only: false,
+            pipeline_notices: self.pipeline_commit_notices,
+            acked: None,
         }
     }
 }
@@ -234,7 +254,8 @@ impl Peer {
     }
 
     /// Sends one AppendEntries on the peer's stream, opening one first if none is kept, and
-    /// reads its answer. The stream is kept for the next call only after a read answer.
+    /// reads its answer, after the answer owed to a commit notice sent ahead if there is one.
+    /// The stream is kept for the next call only after its own answer was read.
     async fn append_streamed(&mut self, payload: Payload) -> Result<Payload, Status> {
         let mut stream = match self.stream.take() {
             Some(stream) => stream,
@@ -245,32 +266,93 @@ impl Peer {
                     .append_entries_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
                     .await?
                     .into_inner();
-                AppendStream { tx, rx: answers }
+                AppendStream {
+                    tx,
+                    rx: answers,
+                    owed: false,
+                }
             }
         };
         if stream.tx.send(payload).await.is_err() {
             return Err(Status::unavailable("the append stream to the peer closed"));
         }
-        match stream.rx.message().await? {
-            Some(answer) => {
-                self.stream = Some(stream);
-                Ok(answer)
+        if stream.owed {
+            let answer = next_answer(&mut stream.rx).await?;
+            let notice: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> = unpack(&answer)?;
+            match notice {
+                Ok(AppendEntriesResponse::Success) => stream.owed = false,
+                // The peer holds a higher vote, so that is this request's answer as well. The
+                // stream is dropped with the request's own answer unread.
+                Ok(AppendEntriesResponse::HigherVote(_)) => return Ok(answer),
+                other => {
+                    return Err(Status::aborted(format!(
+                        "node {} did not accept the commit notice sent ahead ({other:?}); \
+                         the request is to be resent",
+                        self.target
+                    )))
+                }
             }
-            None => Err(Status::unavailable("the peer ended the append stream")),
         }
+        let answer = next_answer(&mut stream.rx).await?;
+        self.stream = Some(stream);
+        Ok(answer)
     }
 
-    async fn append<Resp, E>(
+    /// Whether `req` is a commit notice that may be reported accepted as soon as it is sent,
+    /// its answer read before the next request's: an AppendEntries without entries that only
+    /// moves the commit index on, from the same leader, right after the peer accepted all
+    /// before it on the kept stream, with no answer owed.
+    ///
+    /// openraft 0.9's replication task sends such a notice after each commit and waits for its
+    /// answer before it sends the next entries, so a lone client's next write waited a round
+    /// trip that carried no entries. (Sending it ahead made no measurable difference in
+    /// `raft-bench`, so it is off by default: docs/benchmarks.md.)
+    ///
+    /// Reporting it accepted early changes nothing openraft 0.9.25 relies on (the version is
+    /// pinned for this): for a request without entries, a `Success` moves no matching index and
+    /// only records the time, which feeds nothing but the `millis_since_quorum_ack` metric. A
+    /// refusal still counts, one request later: the next request reads the notice's answer
+    /// first; a `HigherVote` becomes its own answer, and anything else but `Success` fails it,
+    /// so openraft sends it again and gets the peer's own answer to it. Leadership checks
+    /// (`ensure_linearizable`) are never reported early: openraft sends each on a new client,
+    /// which holds no accepted request.
+    fn may_send_ahead(&self, req: &AppendEntriesRequest<TypeConfig>) -> bool {
+        let (Some(stream), Some(acked)) = (&self.stream, &self.acked) else {
+            return false;
+        };
+        self.pipeline_notices
+            && !stream.owed
+            && req.entries.is_empty()
+            && acked.vote == req.vote
+            && acked.last == req.prev_log_id
+            && req.leader_commit > acked.commit
+    }
+
+    async fn append(
         &mut self,
         req: &AppendEntriesRequest<TypeConfig>,
         ttl: Duration,
-    ) -> RpcResult<Resp, E>
-    where
-        Resp: DeserializeOwned,
-        E: std::error::Error + DeserializeOwned,
-    {
+    ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
         if !self.unary_only {
-            let payload = pack(req).map_err(|s| RPCError::Network(NetworkError::new(&s)))?;
+            let mut payload = pack(req).map_err(|s| RPCError::Network(NetworkError::new(&s)))?;
+            if self.may_send_ahead(req) {
+                if let Some(stream) = self.stream.as_mut() {
+                    match stream.tx.try_send(payload) {
+                        Ok(()) => {
+                            stream.owed = true;
+                            if let Some(acked) = self.acked.as_mut() {
+                                acked.commit = req.leader_commit;
+                            }
+                            return Ok(AppendEntriesResponse::Success);
+                        }
+                        Err(mpsc::error::TrySendError::Full(p)) => payload = p,
+                        Err(mpsc::error::TrySendError::Closed(p)) => {
+                            self.stream = None;
+                            payload = p;
+                        }
+                    }
+                }
+            }
             let reply = tokio::time::timeout(ttl, self.append_streamed(payload)).await;
             match &reply {
                 Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
@@ -280,9 +362,21 @@ impl Peer {
                     );
                     self.unary_only = true;
                 }
-                _ => return self.finish(reply, ttl),
+                _ => {
+                    let r = self.finish(reply, ttl);
+                    self.acked = match (&r, &self.stream) {
+                        (Ok(AppendEntriesResponse::Success), Some(_)) => Some(Acked {
+                            vote: req.vote,
+                            last: req.entries.last().map(|e| e.log_id).or(req.prev_log_id),
+                            commit: req.leader_commit,
+                        }),
+                        _ => None,
+                    };
+                    return r;
+                }
             }
         }
+        self.acked = None;
         self.call(
             req,
             ttl,
@@ -290,6 +384,13 @@ impl Peer {
         )
         .await
     }
+}
+
+/// The next answer on an AppendEntries stream; its end is an error.
+async fn next_answer(rx: &mut tonic::Streaming<Payload>) -> Result<Payload, Status> {
+    rx.message()
+        .await?
+        .ok_or_else(|| Status::unavailable("the peer ended the append stream"))
 }
 
 impl RaftNetwork<TypeConfig> for Peer {
@@ -467,28 +568,38 @@ impl pb::raft_service_server::RaftService for RaftGrpc {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests may unwrap
 mod tests {
+    use std::collections::VecDeque;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
 
     use openraft::{CommittedLeaderId, Vote};
     use pb::raft_service_server::{RaftService, RaftServiceServer};
+    use tokio::sync::watch;
 
     use super::*;
+    use crate::types::LogId;
 
-    /// A peer that answers AppendEntries by a script: `Success`, except that on the stream the
-    /// first answer is `HigherVote` and comes late; with `streams: false` it serves no stream.
+    type Answer = Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>;
+
+    /// A peer that answers AppendEntries by a script: the stream's requests take the scripted
+    /// answers in turn, each after its delay, then `Success`; unary calls get `Success`. With
+    /// `streams: false` it serves no stream. While `hold` is true, answers wait.
     #[derive(Clone)]
     struct Scripted {
         streams: bool,
-        late: Duration,
+        answers: Arc<Mutex<VecDeque<(Duration, Answer)>>>,
+        hold: Arc<watch::Sender<bool>>,
         unary_calls: Arc<AtomicUsize>,
+        streams_opened: Arc<AtomicUsize>,
         stream_requests: Arc<AtomicUsize>,
+        stream_answers: Arc<AtomicUsize>,
     }
 
-    fn success() -> Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> {
+    fn success() -> Answer {
         Ok(AppendEntriesResponse::Success)
     }
 
-    fn higher_vote() -> Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> {
+    fn higher_vote() -> Answer {
         Ok(AppendEntriesResponse::HigherVote(Vote::new_committed(9, 2)))
     }
 
@@ -512,19 +623,19 @@ mod tests {
             if !self.streams {
                 return Err(Status::unimplemented("no stream here"));
             }
+            self.streams_opened.fetch_add(1, Ordering::SeqCst);
             let mut requests = request.into_inner();
             let (tx, rx) = mpsc::channel(4);
             let this = self.clone();
             tokio::spawn(async move {
                 while let Ok(Some(_)) = requests.message().await {
-                    let n = this.stream_requests.fetch_add(1, Ordering::SeqCst);
-                    let answer = if n == 0 {
-                        tokio::time::sleep(this.late).await;
-                        pack(&higher_vote())
-                    } else {
-                        pack(&success())
-                    };
-                    if tx.send(answer).await.is_err() {
+                    this.stream_requests.fetch_add(1, Ordering::SeqCst);
+                    let next = this.answers.lock().unwrap().pop_front();
+                    let (late, answer) = next.unwrap_or((Duration::ZERO, success()));
+                    tokio::time::sleep(late).await;
+                    let _ = this.hold.subscribe().wait_for(|held| !*held).await;
+                    this.stream_answers.fetch_add(1, Ordering::SeqCst);
+                    if tx.send(pack(&answer)).await.is_err() {
                         break;
                     }
                 }
@@ -580,34 +691,65 @@ mod tests {
         addr
     }
 
-    fn scripted(streams: bool, late: Duration) -> Scripted {
+    fn scripted(streams: bool, answers: Vec<(Duration, Answer)>) -> Scripted {
         Scripted {
             streams,
-            late,
+            answers: Arc::new(Mutex::new(answers.into())),
+            hold: Arc::new(watch::channel(false).0),
             unary_calls: Arc::default(),
+            streams_opened: Arc::default(),
             stream_requests: Arc::default(),
+            stream_answers: Arc::default(),
         }
     }
 
-    async fn peer(addr: &str) -> Peer {
-        let mut network = Network::default();
+    fn count(n: &AtomicUsize) -> usize {
+        n.load(Ordering::SeqCst)
+    }
+
+    /// A peer for node 2, as a replication task gets it, sending commit notices ahead or not.
+    async fn peer_with(addr: &str, pipeline_commit_notices: bool) -> Peer {
+        let mut network = Network {
+            pipeline_commit_notices,
+            ..Network::default()
+        };
         network.new_client(2, &BasicNode::new(addr)).await
     }
 
-    fn heartbeat() -> AppendEntriesRequest<TypeConfig> {
+    async fn peer(addr: &str) -> Peer {
+        peer_with(addr, true).await
+    }
+
+    /// An AppendEntries without entries at log index 7 of leader 1 in term 3, carrying commit
+    /// index `commit`.
+    fn empty_append(commit: Option<u64>) -> AppendEntriesRequest<TypeConfig> {
+        let log_id = |index| LogId::new(CommittedLeaderId::new(3, 1), index);
         AppendEntriesRequest {
             vote: Vote::new_committed(3, 1),
-            prev_log_id: Some(LogId::new(CommittedLeaderId::new(3, 1), 7)),
-            leader_commit: None,
+            prev_log_id: Some(log_id(7)),
+            leader_commit: commit.map(log_id),
             entries: vec![],
         }
     }
 
-    use crate::types::LogId;
+    fn heartbeat() -> AppendEntriesRequest<TypeConfig> {
+        empty_append(None)
+    }
+
+    /// Waits (bounded) until `n` reaches `want`.
+    async fn until(n: &AtomicUsize, want: usize) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while count(n) < want {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("count stayed at {} below {want}", count(n)));
+    }
 
     #[tokio::test]
     async fn a_dropped_call_never_lends_its_late_answer_to_the_next() {
-        let server = scripted(true, Duration::from_millis(400));
+        let server = scripted(true, vec![(Duration::from_millis(400), higher_vote())]);
         let addr = serve(server.clone()).await;
         let mut p = peer(&addr).await;
         let ttl = RPCOption::new(Duration::from_millis(150));
@@ -623,17 +765,13 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(400)).await;
         let third = p.append_entries(heartbeat(), ttl).await.unwrap();
         assert_eq!(third, AppendEntriesResponse::Success);
-        assert_eq!(server.stream_requests.load(Ordering::SeqCst), 3);
-        assert_eq!(
-            server.unary_calls.load(Ordering::SeqCst),
-            0,
-            "all went on streams"
-        );
+        assert_eq!(count(&server.stream_requests), 3);
+        assert_eq!(count(&server.unary_calls), 0, "all went on streams");
     }
 
     #[tokio::test]
     async fn a_stream_carries_answers_in_order_on_one_stream() {
-        let server = scripted(true, Duration::ZERO);
+        let server = scripted(true, vec![(Duration::ZERO, higher_vote())]);
         let addr = serve(server.clone()).await;
         let mut p = peer(&addr).await;
         let ttl = RPCOption::new(Duration::from_secs(2));
@@ -644,20 +782,152 @@ mod tests {
             assert_eq!(r, AppendEntriesResponse::Success);
         }
         // Only the first request on a stream gets the HigherVote: all six went on one stream.
-        assert_eq!(server.stream_requests.load(Ordering::SeqCst), 6);
+        assert_eq!(count(&server.stream_requests), 6);
+        assert_eq!(count(&server.streams_opened), 1);
     }
 
     #[tokio::test]
     async fn a_peer_without_the_stream_gets_one_call_per_append() {
-        let server = scripted(false, Duration::ZERO);
+        let server = scripted(false, vec![]);
         let addr = serve(server.clone()).await;
         let mut p = peer(&addr).await;
         let ttl = RPCOption::new(Duration::from_secs(2));
-        for _ in 0..3 {
-            let r = p.append_entries(heartbeat(), ttl.clone()).await.unwrap();
-            assert_eq!(r, AppendEntriesResponse::Success);
+        for commit in [None, Some(8), Some(9)] {
+            let r = p.append_entries(empty_append(commit), ttl.clone()).await;
+            assert_eq!(r.unwrap(), AppendEntriesResponse::Success);
         }
         assert!(p.unary_only);
-        assert_eq!(server.unary_calls.load(Ordering::SeqCst), 3);
+        assert_eq!(count(&server.unary_calls), 3, "no commit notice went ahead");
+    }
+
+    #[tokio::test]
+    async fn a_commit_notice_goes_ahead_and_its_answer_is_read_before_the_next() {
+        let server = scripted(true, vec![]);
+        let addr = serve(server.clone()).await;
+        let mut p = peer(&addr).await;
+        let ttl = RPCOption::new(Duration::from_secs(2));
+        let r = p.append_entries(heartbeat(), ttl.clone()).await.unwrap();
+        assert_eq!(r, AppendEntriesResponse::Success);
+        // The peer now holds its answers back: the notice is reported accepted once sent.
+        server.hold.send_replace(true);
+        let r = p.append_entries(empty_append(Some(8)), ttl.clone()).await;
+        assert_eq!(r.unwrap(), AppendEntriesResponse::Success);
+        until(&server.stream_requests, 2).await;
+        assert_eq!(
+            count(&server.stream_answers),
+            1,
+            "the notice is not answered yet"
+        );
+        // The next request (a heartbeat: the commit index has not moved) waits for both answers.
+        let next = tokio::spawn(async move {
+            let r = p.append_entries(empty_append(Some(8)), ttl).await;
+            (p, r)
+        });
+        until(&server.stream_requests, 3).await;
+        assert!(!next.is_finished(), "answered before the peer answered");
+        server.hold.send_replace(false);
+        let (p, r) = next.await.unwrap();
+        assert_eq!(r.unwrap(), AppendEntriesResponse::Success);
+        assert_eq!(count(&server.stream_answers), 3);
+        assert_eq!(count(&server.streams_opened), 1);
+        assert!(p.stream.as_ref().is_some_and(|s| !s.owed));
+    }
+
+    #[tokio::test]
+    async fn a_refused_notice_fails_the_next_request_which_then_gets_its_own_answer() {
+        let conflict: Answer = Ok(AppendEntriesResponse::Conflict);
+        let server = scripted(
+            true,
+            vec![
+                (Duration::ZERO, success()),
+                (Duration::ZERO, conflict),
+                (Duration::ZERO, success()),
+            ],
+        );
+        let addr = serve(server.clone()).await;
+        let mut p = peer(&addr).await;
+        let ttl = RPCOption::new(Duration::from_secs(2));
+        p.append_entries(heartbeat(), ttl.clone()).await.unwrap();
+        let notice = p.append_entries(empty_append(Some(8)), ttl.clone()).await;
+        assert_eq!(notice.unwrap(), AppendEntriesResponse::Success);
+        let next = p.append_entries(empty_append(Some(8)), ttl.clone()).await;
+        let Err(RPCError::Network(e)) = next else {
+            panic!("the refusal fails the next request: {next:?}")
+        };
+        assert!(e.to_string().contains("commit notice"), "{e}");
+        // Resent, it goes on a new stream and gets the peer's own answer; a notice right after
+        // goes ahead again.
+        let r = p.append_entries(empty_append(Some(8)), ttl.clone()).await;
+        assert_eq!(r.unwrap(), AppendEntriesResponse::Success);
+        assert_eq!(count(&server.streams_opened), 2);
+        assert!(p.acked.is_some());
+        let r = p.append_entries(empty_append(Some(9)), ttl).await;
+        assert_eq!(r.unwrap(), AppendEntriesResponse::Success);
+        assert!(p.stream.as_ref().is_some_and(|s| s.owed));
+    }
+
+    #[tokio::test]
+    async fn a_higher_vote_on_a_notice_is_the_next_requests_answer() {
+        let server = scripted(
+            true,
+            vec![(Duration::ZERO, success()), (Duration::ZERO, higher_vote())],
+        );
+        let addr = serve(server.clone()).await;
+        let mut p = peer(&addr).await;
+        let ttl = RPCOption::new(Duration::from_secs(2));
+        p.append_entries(heartbeat(), ttl.clone()).await.unwrap();
+        let notice = p.append_entries(empty_append(Some(8)), ttl.clone()).await;
+        assert_eq!(notice.unwrap(), AppendEntriesResponse::Success);
+        let next = p.append_entries(empty_append(Some(8)), ttl).await.unwrap();
+        assert!(
+            matches!(next, AppendEntriesResponse::HigherVote(_)),
+            "{next:?}"
+        );
+        assert!(p.stream.is_none(), "the stream went with its unread answer");
+    }
+
+    #[tokio::test]
+    async fn a_new_client_or_a_changed_log_waits_for_the_answer() {
+        // A leadership check is sent on a new client: its answer is always the peer's own.
+        let server = scripted(true, vec![(Duration::ZERO, higher_vote())]);
+        let addr = serve(server.clone()).await;
+        let mut p = peer(&addr).await;
+        let ttl = RPCOption::new(Duration::from_secs(2));
+        let r = p.append_entries(empty_append(Some(8)), ttl.clone()).await;
+        assert!(matches!(r.unwrap(), AppendEntriesResponse::HigherVote(_)));
+        // Notices at another log index or from another leader than the one accepted wait too.
+        p.append_entries(empty_append(Some(8)), ttl.clone())
+            .await
+            .unwrap();
+        let mut moved = empty_append(Some(9));
+        moved.prev_log_id = Some(LogId::new(CommittedLeaderId::new(3, 1), 9));
+        let mut other_leader = empty_append(Some(9));
+        other_leader.vote = Vote::new_committed(4, 3);
+        for req in [moved, other_leader] {
+            server
+                .answers
+                .lock()
+                .unwrap()
+                .push_back((Duration::ZERO, higher_vote()));
+            let r = p.append_entries(req, ttl.clone()).await.unwrap();
+            assert!(matches!(r, AppendEntriesResponse::HigherVote(_)), "{r:?}");
+            p.append_entries(empty_append(Some(8)), ttl.clone())
+                .await
+                .unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn with_pipelining_off_a_notice_waits_for_its_answer() {
+        let server = scripted(
+            true,
+            vec![(Duration::ZERO, success()), (Duration::ZERO, higher_vote())],
+        );
+        let addr = serve(server.clone()).await;
+        let mut p = peer_with(&addr, false).await;
+        let ttl = RPCOption::new(Duration::from_secs(2));
+        p.append_entries(heartbeat(), ttl.clone()).await.unwrap();
+        let r = p.append_entries(empty_append(Some(8)), ttl).await.unwrap();
+        assert!(matches!(r, AppendEntriesResponse::HigherVote(_)), "{r:?}");
     }
 }

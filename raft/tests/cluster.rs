@@ -47,6 +47,7 @@ struct Cluster {
     /// Election timeout (min, max) in ms, if not `config`'s.
     election_ms: Option<(u64, u64)>,
     parallel_leader_sync: bool,
+    pipeline_commit_notices: bool,
 }
 
 impl Cluster {
@@ -59,7 +60,7 @@ impl Cluster {
     }
 
     async fn start_full(n: u64, snapshot_after_logs: u64, election_ms: Option<(u64, u64)>) -> Self {
-        Self::start_opts(n, snapshot_after_logs, election_ms, true).await
+        Self::start_opts(n, snapshot_after_logs, election_ms, true, false).await
     }
 
     async fn start_opts(
@@ -67,6 +68,7 @@ impl Cluster {
         snapshot_after_logs: u64,
         election_ms: Option<(u64, u64)>,
         parallel_leader_sync: bool,
+        pipeline_commit_notices: bool,
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut c = Cluster {
@@ -76,6 +78,7 @@ impl Cluster {
             snapshot_after_logs,
             election_ms,
             parallel_leader_sync,
+            pipeline_commit_notices,
         };
         for id in 1..=n {
             c.addrs.push(free_addr());
@@ -101,6 +104,7 @@ impl Cluster {
         let mut cfg = config(id, self.addrs[(id - 1) as usize], self.dir.path());
         cfg.snapshot_after_logs = self.snapshot_after_logs;
         cfg.parallel_leader_sync = self.parallel_leader_sync;
+        cfg.pipeline_commit_notices = self.pipeline_commit_notices;
         if let Some((min, max)) = self.election_ms {
             cfg.election_timeout_min = Duration::from_millis(min);
             cfg.election_timeout_max = Duration::from_millis(max);
@@ -222,6 +226,39 @@ async fn t20_leader_loss_new_leader_commits_and_no_acknowledged_write_is_lost() 
     for n in 0..5 {
         acked.push(created(c.write(leader, create(n)).await));
     }
+    c.stop(leader).await;
+    let new_leader = c.wait_leader().await;
+    assert_ne!(new_leader, leader);
+    let survivor = (1..=3).find(|i| *i != leader).unwrap();
+    acked.push(created(c.write(survivor, create(100)).await));
+    for id in (1..=3).filter(|i| *i != leader) {
+        let got = c.entries(id).await;
+        for e in &acked {
+            assert!(got.contains(e), "node {id} lost acknowledged {}", e.id);
+        }
+    }
+    for node in c.nodes.into_iter().flatten() {
+        node.shutdown().await.unwrap();
+    }
+}
+
+/// With commit notices sent ahead (`pipeline_commit_notices`): every write is answered and
+/// applied on every node, the followers hear the last commit index without another write, and
+/// after the leader is lost a new leader commits with no acknowledged write lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t22_with_commit_notices_sent_ahead_nothing_acknowledged_is_lost() {
+    let mut c = Cluster::start_opts(3, 10_000, None, true, true).await;
+    let leader = c.wait_leader().await;
+    let mut acked = Vec::new();
+    for n in 0..30 {
+        acked.push(created(c.write(leader, create(n)).await));
+    }
+    let last = c.node(leader).raft().metrics().borrow().last_log_index;
+    wait_indexes(&c, "every write applied everywhere", |v| {
+        v.iter()
+            .all(|(_, log, applied)| Some(*log) == last && Some(*applied) == last)
+    })
+    .await;
     c.stop(leader).await;
     let new_leader = c.wait_leader().await;
     assert_ne!(new_leader, leader);
@@ -600,7 +637,7 @@ async fn wait_indexes(c: &Cluster, what: &str, cond: impl Fn(&[(u64, u64, u64)])
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t75_the_leader_replicates_while_it_syncs_but_commits_nothing_unsynced() {
     for parallel in [true, false] {
-        let c = Cluster::start_opts(3, 10_000, None, parallel).await;
+        let c = Cluster::start_opts(3, 10_000, None, parallel, false).await;
         let leader = c.wait_leader().await;
         c.write(leader, create(1)).await;
         let before = c

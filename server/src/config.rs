@@ -154,6 +154,11 @@ pub struct ClusterSection {
     /// `plinth_raft::node::RaftConfig::parallel_leader_sync` and docs/benchmarks.md).
     #[serde(default = "default_parallel_leader_sync")]
     pub parallel_leader_sync: bool,
+    /// As leader, send a follower the AppendEntries that only moves its commit index on
+    /// without waiting for the answer before the next entries. Off by default (see
+    /// `plinth_raft::node::RaftConfig::pipeline_commit_notices` and docs/benchmarks.md).
+    #[serde(default = "default_pipeline_commit_notices")]
+    pub pipeline_commit_notices: bool,
 }
 
 impl Default for ClusterSection {
@@ -173,6 +178,7 @@ impl Default for ClusterSection {
             snapshot_after_logs: default_snapshot_after_logs(),
             logs_kept_after_snapshot: default_logs_kept_after_snapshot(),
             parallel_leader_sync: default_parallel_leader_sync(),
+            pipeline_commit_notices: default_pipeline_commit_notices(),
         }
     }
 }
@@ -314,6 +320,9 @@ fn default_logs_kept_after_snapshot() -> u64 {
 }
 fn default_parallel_leader_sync() -> bool {
     plinth_raft::node::DEFAULT_PARALLEL_LEADER_SYNC
+}
+fn default_pipeline_commit_notices() -> bool {
+    plinth_raft::node::DEFAULT_PIPELINE_COMMIT_NOTICES
 }
 fn default_health_bind() -> String {
     "localhost".into()
@@ -606,6 +615,24 @@ data_dir = "/tmp/x"
             let c = Config::parse(&text, false).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(c.file.cluster.parallel_leader_sync, want, "{text}");
         }
+    }
+
+    #[test]
+    fn pipeline_commit_notices_is_off_unless_turned_on() {
+        let with = |cluster: &str| format!("{MIN}\n[cluster]\n{cluster}\n");
+        for (text, want) in [
+            (MIN.to_owned(), false),
+            (with("node_id = 1"), false),
+            (with("pipeline_commit_notices = false"), false),
+            (with("pipeline_commit_notices = true"), true),
+        ] {
+            let c = Config::parse(&text, false).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(c.file.cluster.pipeline_commit_notices, want, "{text}");
+        }
+        let e = Config::parse(&with("pipeline_commit_notices = 1"), false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pipeline_commit_notices"), "{e}");
     }
 
     #[test]

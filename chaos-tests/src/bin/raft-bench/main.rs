@@ -76,6 +76,11 @@ struct Args {
     /// difference.
     #[arg(long)]
     serial_leader_sync: bool,
+    /// Let plinth's leader send each commit notice (the AppendEntries that only moves a
+    /// follower's commit index on) without waiting for its answer before the next entries
+    /// (`[cluster] pipeline_commit_notices = true`; off by default), to measure the difference.
+    #[arg(long)]
+    pipeline_commit_notices: bool,
     /// Keep the work directory (data and each server's log) after the run, and print its path.
     #[arg(long)]
     keep_work_dir: bool,
@@ -225,6 +230,7 @@ async fn main() -> anyhow::Result<()> {
         snapshot_after_logs: args.snapshot_after_logs,
         logs_kept_after_snapshot: args.logs_kept_after_snapshot,
         parallel_leader_sync: !args.serial_leader_sync,
+        pipeline_commit_notices: args.pipeline_commit_notices,
     };
 
     eprintln!("starting plinth (3 processes) and etcd (3 members) ...");

@@ -30,6 +30,7 @@ pub struct Timing {
     pub snapshot_after_logs: u64,
     pub logs_kept_after_snapshot: u64,
     pub parallel_leader_sync: bool,
+    pub pipeline_commit_notices: bool,
 }
 
 #[derive(Debug)]
@@ -130,6 +131,7 @@ heartbeat_interval_ms = {hb}
 snapshot_after_logs = {snap}
 logs_kept_after_snapshot = {kept}
 parallel_leader_sync = {pls}
+pipeline_commit_notices = {pcn}
 
 [key_manager]
 type = "disk"
@@ -145,6 +147,7 @@ keys_path = "{d}/keys"
                 snap = t.snapshot_after_logs,
                 kept = t.logs_kept_after_snapshot,
                 pls = t.parallel_leader_sync,
+                pcn = t.pipeline_commit_notices,
             );
             std::fs::write(dir.join("server.toml"), config)?;
             nodes.push(Node {
