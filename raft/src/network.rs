@@ -823,8 +823,11 @@ mod tests {
             let r = p.append_entries(empty_append(Some(8)), ttl).await;
             (p, r)
         });
-        until(&server.stream_requests, 3).await;
+        // The peer reads the next request only after it answered the notice; give the call
+        // time to finish wrongly, then let the peer answer.
+        tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!next.is_finished(), "answered before the peer answered");
+        assert_eq!(count(&server.stream_answers), 1);
         server.hold.send_replace(false);
         let (p, r) = next.await.unwrap();
         assert_eq!(r.unwrap(), AppendEntriesResponse::Success);
