@@ -869,16 +869,23 @@ mod tests {
         assert!(p.stream.as_ref().is_some_and(|s| s.owed));
     }
 
-    #[tokio::test]
-    async fn a_higher_vote_on_a_notice_is_the_next_requests_answer() {
+    /// A peer whose first request was accepted and whose second (a commit notice) is answered
+    /// with a higher vote.
+    async fn accepted_then_higher_vote(pipeline_commit_notices: bool) -> (Peer, RPCOption) {
         let server = scripted(
             true,
             vec![(Duration::ZERO, success()), (Duration::ZERO, higher_vote())],
         );
-        let addr = serve(server.clone()).await;
-        let mut p = peer(&addr).await;
+        let addr = serve(server).await;
+        let mut p = peer_with(&addr, pipeline_commit_notices).await;
         let ttl = RPCOption::new(Duration::from_secs(2));
         p.append_entries(heartbeat(), ttl.clone()).await.unwrap();
+        (p, ttl)
+    }
+
+    #[tokio::test]
+    async fn a_higher_vote_on_a_notice_is_the_next_requests_answer() {
+        let (mut p, ttl) = accepted_then_higher_vote(true).await;
         let notice = p.append_entries(empty_append(Some(8)), ttl.clone()).await;
         assert_eq!(notice.unwrap(), AppendEntriesResponse::Success);
         let next = p.append_entries(empty_append(Some(8)), ttl).await.unwrap();
@@ -922,14 +929,7 @@ mod tests {
 
     #[tokio::test]
     async fn with_pipelining_off_a_notice_waits_for_its_answer() {
-        let server = scripted(
-            true,
-            vec![(Duration::ZERO, success()), (Duration::ZERO, higher_vote())],
-        );
-        let addr = serve(server.clone()).await;
-        let mut p = peer_with(&addr, false).await;
-        let ttl = RPCOption::new(Duration::from_secs(2));
-        p.append_entries(heartbeat(), ttl.clone()).await.unwrap();
+        let (mut p, ttl) = accepted_then_higher_vote(false).await;
         let r = p.append_entries(empty_append(Some(8)), ttl).await.unwrap();
         assert!(matches!(r, AppendEntriesResponse::HigherVote(_)), "{r:?}");
     }

@@ -603,36 +603,37 @@ data_dir = "/tmp/x"
         assert!(e.contains("cluster.snapshot_after_logs"), "{e}");
     }
 
-    #[test]
-    fn parallel_leader_sync_is_on_unless_turned_off() {
+    /// The `[cluster]` switch `key` is `default` with no `[cluster]` section and when the
+    /// section lacks it, else what it is set to; a non-boolean is refused.
+    fn cluster_switch(key: &str, default: bool, get: fn(&Config) -> bool) {
         let with = |cluster: &str| format!("{MIN}\n[cluster]\n{cluster}\n");
         for (text, want) in [
-            (MIN.to_owned(), true),
-            (with("node_id = 1"), true),
-            (with("parallel_leader_sync = false"), false),
-            (with("parallel_leader_sync = true"), true),
+            (MIN.to_owned(), default),
+            (with("node_id = 1"), default),
+            (with(&format!("{key} = false")), false),
+            (with(&format!("{key} = true")), true),
         ] {
             let c = Config::parse(&text, false).unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(c.file.cluster.parallel_leader_sync, want, "{text}");
+            assert_eq!(get(&c), want, "{text}");
         }
+        let e = Config::parse(&with(&format!("{key} = 1")), false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expected a boolean"), "{e}");
+    }
+
+    #[test]
+    fn parallel_leader_sync_is_on_unless_turned_off() {
+        cluster_switch("parallel_leader_sync", true, |c| {
+            c.file.cluster.parallel_leader_sync
+        });
     }
 
     #[test]
     fn pipeline_commit_notices_is_off_unless_turned_on() {
-        let with = |cluster: &str| format!("{MIN}\n[cluster]\n{cluster}\n");
-        for (text, want) in [
-            (MIN.to_owned(), false),
-            (with("node_id = 1"), false),
-            (with("pipeline_commit_notices = false"), false),
-            (with("pipeline_commit_notices = true"), true),
-        ] {
-            let c = Config::parse(&text, false).unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(c.file.cluster.pipeline_commit_notices, want, "{text}");
-        }
-        let e = Config::parse(&with("pipeline_commit_notices = 1"), false)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("expected a boolean"), "{e}");
+        cluster_switch("pipeline_commit_notices", false, |c| {
+            c.file.cluster.pipeline_commit_notices
+        });
     }
 
     #[test]
