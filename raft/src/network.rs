@@ -152,8 +152,6 @@ pub struct Peer {
     unary_only: bool,
     /// Send commit notices ahead of their answers ([`Peer::may_send_ahead`]).
     pipeline_notices: bool,
-    /// What the peer last answered `Success` to on the kept stream, if the stream is kept.
-    acked: Option<Acked>,
 }
 
 /// An AppendEntries stream to one peer: requests go in `tx`, answers come back on `rx` in order.
@@ -164,11 +162,13 @@ struct AppendStream {
     /// The first unread answer belongs to a commit notice sent ahead (already reported as
     /// accepted); it must be read, and be `Success`, before the next request's own answer.
     owed: bool,
+    /// The last request the peer answered on this stream, if it answered `Success`.
+    acked: Option<Acked>,
 }
 
 /// A request the peer accepted: the leader's vote, the last log ID the peer then held from
 /// this leader (its matching point), and the highest commit index sent since.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 struct Acked {
     vote: crate::types::Vote,
     last: Option<crate::types::LogId>,
@@ -186,7 +186,6 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             stream: None,
             unary_only: false,
             pipeline_notices: self.pipeline_commit_notices,
-            acked: None,
         }
     }
 }
@@ -270,6 +269,7 @@ impl Peer {
                     tx,
                     rx: answers,
                     owed: false,
+                    acked: None,
                 }
             }
         };
@@ -317,7 +317,10 @@ impl Peer {
     /// (`ensure_linearizable`) are never reported early: openraft sends each on a new client,
     /// which holds no accepted request.
     fn may_send_ahead(&self, req: &AppendEntriesRequest<TypeConfig>) -> bool {
-        let (Some(stream), Some(acked)) = (&self.stream, &self.acked) else {
+        let Some(stream) = &self.stream else {
+            return false;
+        };
+        let Some(acked) = &stream.acked else {
             return false;
         };
         self.pipeline_notices
@@ -340,7 +343,7 @@ impl Peer {
                     match stream.tx.try_send(payload) {
                         Ok(()) => {
                             stream.owed = true;
-                            if let Some(acked) = self.acked.as_mut() {
+                            if let Some(acked) = stream.acked.as_mut() {
                                 acked.commit = req.leader_commit;
                             }
                             return Ok(AppendEntriesResponse::Success);
@@ -364,19 +367,18 @@ impl Peer {
                 }
                 _ => {
                     let r = self.finish(reply, ttl);
-                    self.acked = match (&r, &self.stream) {
-                        (Ok(AppendEntriesResponse::Success), Some(_)) => Some(Acked {
-                            vote: req.vote,
-                            last: req.entries.last().map(|e| e.log_id).or(req.prev_log_id),
-                            commit: req.leader_commit,
-                        }),
-                        _ => None,
-                    };
+                    if let Some(stream) = self.stream.as_mut() {
+                        stream.acked =
+                            matches!(r, Ok(AppendEntriesResponse::Success)).then(|| Acked {
+                                vote: req.vote,
+                                last: req.entries.last().map(|e| e.log_id).or(req.prev_log_id),
+                                commit: req.leader_commit,
+                            });
+                    }
                     return r;
                 }
             }
         }
-        self.acked = None;
         self.call(
             req,
             ttl,
@@ -863,7 +865,7 @@ mod tests {
         let r = p.append_entries(empty_append(Some(8)), ttl.clone()).await;
         assert_eq!(r.unwrap(), AppendEntriesResponse::Success);
         assert_eq!(count(&server.streams_opened), 2);
-        assert!(p.acked.is_some());
+        assert!(p.stream.as_ref().is_some_and(|s| s.acked.is_some()));
         let r = p.append_entries(empty_append(Some(9)), ttl).await;
         assert_eq!(r.unwrap(), AppendEntriesResponse::Success);
         assert!(p.stream.as_ref().is_some_and(|s| s.owed));
