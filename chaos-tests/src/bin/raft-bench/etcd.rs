@@ -26,7 +26,7 @@ const WAIT_LIMIT: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub struct Cluster {
     endpoints: Vec<String>,
-    _procs: Vec<Proc>,
+    procs: Vec<Proc>,
 }
 
 async fn channel(endpoint: &str) -> anyhow::Result<Channel> {
@@ -86,10 +86,15 @@ impl Cluster {
         }
         let c = Self {
             endpoints: clients,
-            _procs: procs,
+            procs,
         };
         c.leader_endpoint().await?;
         Ok(c)
+    }
+
+    /// CPU time the three members have used so far.
+    pub fn cpu_time(&self) -> std::time::Duration {
+        crate::procs::cpu_time(&self.procs)
     }
 
     /// The client URL of the member every member names as leader.

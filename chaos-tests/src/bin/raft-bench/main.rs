@@ -111,11 +111,20 @@ struct Stats {
     errors: usize,
     seconds: f64,
     latencies: Vec<Duration>,
+    /// CPU time the system's three server processes used over the whole cell (warm-up
+    /// included, as `sent` is).
+    cpu: Duration,
 }
 
 impl Stats {
     fn rate(&self) -> f64 {
         self.ops as f64 / self.seconds
+    }
+
+    /// Server CPU time per write sent, in ms: what a write costs the three servers together,
+    /// which a busy host's stalls distort far less than the rate.
+    fn cpu_per_write(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1000.0 / self.sent.max(1) as f64
     }
 
     /// All rounds of one cell as one measurement (`None` if there were none).
@@ -128,6 +137,7 @@ impl Stats {
             all.ops += s.ops;
             all.errors += s.errors;
             all.seconds += s.seconds;
+            all.cpu += s.cpu;
             all.latencies.extend_from_slice(&s.latencies);
         }
         all.latencies.sort();
@@ -244,7 +254,8 @@ async fn main() -> anyhow::Result<()> {
 
     println!();
     println!(
-        "| clients | system | writes/s | p50 ms | p99 ms | errors |\n|---:|---|---:|---:|---:|---:|"
+        "| clients | system | writes/s | p50 ms | p99 ms | errors | server CPU ms/write |\n\
+         |---:|---|---:|---:|---:|---:|---:|"
     );
     let mut results = Vec::new();
     let mut batching = Vec::new();
@@ -266,7 +277,9 @@ async fn main() -> anyhow::Result<()> {
                 clients.push(Client::Plinth(w));
             }
             let before = pc.applied_index(leader).await?;
-            let s = run_load(clients, args.seconds).await;
+            let cpu = pc.cpu_time();
+            let mut s = run_load(clients, args.seconds).await;
+            s.cpu = pc.cpu_time().saturating_sub(cpu);
             let entries = pc.applied_index(leader).await?.saturating_sub(before);
             print_row(n, "plinth", &s);
             batching.push((n, s.sent, entries));
@@ -278,7 +291,9 @@ async fn main() -> anyhow::Result<()> {
                     let w = etcd::Writer::connect(&endpoint, cell, c, args.value_size).await?;
                     clients.push(Client::Etcd(w));
                 }
-                let s = run_load(clients, args.seconds).await;
+                let cpu = ec.cpu_time();
+                let mut s = run_load(clients, args.seconds).await;
+                s.cpu = ec.cpu_time().saturating_sub(cpu);
                 print_row(n, "etcd", &s);
                 results.push(("etcd", n, s));
             }
@@ -308,14 +323,17 @@ async fn main() -> anyhow::Result<()> {
                 let met = p.rate() >= e.rate() && p99p <= p99e;
                 println!(
                     "{n} client(s), {} round(s) pooled: plinth {:.0} vs etcd {:.0} writes/s, \
-                     throughput {:.2}x, p99 {} ms vs {} ms: target {}",
+                     throughput {:.2}x, p99 {} ms vs {} ms: target {}; server CPU per write \
+                     {:.3} vs {:.3} ms",
                     args.rounds,
                     p.rate(),
                     e.rate(),
                     p.rate() / e.rate(),
                     ms(p99p),
                     ms(p99e),
-                    if met { "met" } else { "NOT met" }
+                    if met { "met" } else { "NOT met" },
+                    p.cpu_per_write(),
+                    e.cpu_per_write()
                 );
             }
         }
@@ -364,10 +382,11 @@ async fn main() -> anyhow::Result<()> {
 
 fn print_row(n: usize, system: &str, s: &Stats) {
     println!(
-        "| {n} | {system} | {:.0} | {} | {} | {} |",
+        "| {n} | {system} | {:.0} | {} | {} | {} | {:.3} |",
         s.rate(),
         ms(quantile(&s.latencies, 0.5)),
         ms(quantile(&s.latencies, 0.99)),
-        s.errors
+        s.errors,
+        s.cpu_per_write()
     );
 }

@@ -200,6 +200,11 @@ keys_path = "{d}/keys"
         Ok(())
     }
 
+    /// CPU time the three servers have used so far.
+    pub fn cpu_time(&self) -> Duration {
+        crate::procs::cpu_time(self.nodes.iter().filter_map(|n| n.proc.as_ref()))
+    }
+
     pub fn socket(&self, id: u64) -> PathBuf {
         self.nodes[(id - 1) as usize].socket()
     }

@@ -3,8 +3,13 @@
 use std::fs::OpenOptions;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use anyhow::Context;
+
+/// The unit of /proc's CPU times: Linux's USER_HZ, `sysconf(_SC_CLK_TCK)`, which the kernel's
+/// ABI fixes at 100 on every architecture this runs on.
+const USER_HZ: u64 = 100;
 
 /// A running server process, its output appended to a log file.
 #[derive(Debug)]
@@ -28,6 +33,19 @@ impl Proc {
         Ok(Self { child: Some(child) })
     }
 
+    /// CPU time (user + system, all threads, exited ones included) the process has used so
+    /// far, or `None` once it is gone.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        let pid = self.child.as_ref()?.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name (which is in parentheses and may hold spaces): state is
+        // the first, utime and stime the 12th and 13th, in clock ticks.
+        let rest = stat.get(stat.rfind(')')? + 1..)?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        Some(Duration::from_millis(ticks * 1000 / USER_HZ))
+    }
+
     /// kill -9 and reap.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -49,4 +67,9 @@ pub fn free_port(ip: &str) -> anyhow::Result<u16> {
         .with_context(|| format!("binding {ip}:0"))?
         .local_addr()?
         .port())
+}
+
+/// The CPU time all of `procs` have used so far (those already gone count nothing).
+pub fn cpu_time<'a>(procs: impl IntoIterator<Item = &'a Proc>) -> Duration {
+    procs.into_iter().filter_map(Proc::cpu_time).sum()
 }
