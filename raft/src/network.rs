@@ -452,6 +452,10 @@ impl RaftNetwork<TypeConfig> for Peer {
 }
 
 /// The gRPC service a node serves to its peers.
+/// The answers a follower sends back on an AppendEntries stream.
+type AnswerStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<Payload, Status>> + Send + 'static>>;
+
 #[derive(Debug, Clone)]
 pub(crate) struct RaftGrpc {
     pub(crate) inner: Arc<Inner>,
@@ -490,36 +494,43 @@ impl pb::raft_service_server::RaftService for RaftGrpc {
             .map(tonic::Response::new)
     }
 
-    type AppendEntriesStreamStream =
-        tokio_stream::wrappers::ReceiverStream<Result<Payload, Status>>;
+    type AppendEntriesStreamStream = AnswerStream;
 
     /// Answers a leader's AppendEntries stream one request at a time, in order, until the
     /// leader closes it, a request cannot be read, or this node stops.
+    ///
+    /// The answers are computed where they are sent: the stream of answers reads the next
+    /// request and hands it to Raft when the HTTP/2 stream asks for its next message, so a
+    /// request reaches Raft and its answer reaches the wire without a hand-off to a task of
+    /// its own (one thread wake fewer per AppendEntries; docs/benchmarks.md).
     async fn append_entries_stream(
         &self,
         request: Request<tonic::Streaming<Payload>>,
     ) -> Result<tonic::Response<Self::AppendEntriesStreamStream>, Status> {
-        let mut requests = request.into_inner();
-        let (tx, rx) = mpsc::channel(1);
-        let this = self.clone();
+        use futures::StreamExt as _;
+        let requests = request.into_inner();
         let mut stopping = self.inner.stopping.subscribe();
-        tokio::spawn(async move {
-            loop {
-                let next = tokio::select! {
-                    _ = stopping.wait_for(|s| *s) => break,
-                    next = requests.message() => next,
+        let stopped = async move {
+            let _ = stopping.wait_for(|s| *s).await;
+        };
+        // The state: the requests, this node, and whether the last answer was an error (the
+        // stream ends after it).
+        let answers = futures::stream::unfold(
+            (requests, self.clone(), false),
+            |(mut requests, this, failed)| async move {
+                if failed {
+                    return None;
+                }
+                let Ok(Some(payload)) = requests.message().await else {
+                    return None;
                 };
-                let Ok(Some(payload)) = next else { break };
                 let answer = this.append_one(&payload).await;
                 let failed = answer.is_err();
-                if tx.send(answer).await.is_err() || failed {
-                    break;
-                }
-            }
-        });
-        Ok(tonic::Response::new(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        ))
+                Some((answer, (requests, this, failed)))
+            },
+        )
+        .take_until(stopped);
+        Ok(tonic::Response::new(Box::pin(answers)))
     }
 
     async fn vote(&self, request: Request<Payload>) -> Result<tonic::Response<Payload>, Status> {
