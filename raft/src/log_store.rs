@@ -177,6 +177,30 @@ impl Flusher {
         }
     }
 
+    /// Completes the callback of an append that is already in the WAL: synced right here, on
+    /// the caller's thread, when no sync task is running and the disk is not stalled, else
+    /// queued for the sync task.
+    ///
+    /// openraft 0.9's core waits for each append's callback before it does anything else
+    /// (`append_to_log`), so a queued callback never had company to share a sync with: handing
+    /// it to a sync thread and back only cost two thread wakes per append (docs/benchmarks.md).
+    /// Appends reported early ([`LeaderSync`]) still go to the sync task, which is what lets
+    /// the leader's sync overlap replication.
+    fn sync_or_submit(self: &Arc<Self>, store: &Store, callback: LogFlushed<TypeConfig>) {
+        let inline = {
+            let q = self.lock();
+            !q.running && !*self.stalled.lock().unwrap_or_else(|p| p.into_inner())
+        };
+        if !inline {
+            return self.submit(store, Waiter::Callback(callback));
+        }
+        let r = store.sync().map_err(|e| e.to_string());
+        if let Err(e) = &r {
+            tracing::error!(error = %e, "raft log sync failed");
+        }
+        callback.log_io_completed(r.map_err(std::io::Error::other));
+    }
+
     /// Syncs and completes queued callbacks until the queue is empty. Every callback taken was
     /// queued after its write returned, so the sync that follows covers it.
     fn run(&self, store: Store) {
@@ -471,7 +495,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                         callback.log_io_completed(Ok(()));
                         self.flusher.submit(&self.store, Waiter::Early(t));
                     }
-                    None => self.flusher.submit(&self.store, Waiter::Callback(callback)),
+                    None => self.flusher.sync_or_submit(&self.store, callback),
                 }
                 // With the replication and proposer lines, a write's timeline
                 // (RUST_LOG=plinth_raft=trace, docs/benchmarks.md).
