@@ -15,7 +15,7 @@
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -129,7 +129,14 @@ pub(crate) struct Flusher {
     resume: std::sync::Condvar,
     /// Where early-reported appends are recorded and released by each sync.
     leader_sync: Option<Arc<LeaderSync>>,
+    /// The last sync took longer than [`INLINE_SYNC_LIMIT`]: syncs go to the sync task, so a
+    /// slow disk does not hold a runtime thread.
+    slow: AtomicBool,
 }
+
+/// The longest a sync may have taken for the next to run on the caller's thread
+/// ([`Flusher::sync_or_submit`]).
+const INLINE_SYNC_LIMIT: Duration = Duration::from_millis(1);
 
 /// What waits for the next sync: an append's callback, or an early-reported append's ticket
 /// ([`LeaderSync::begin`]).
@@ -178,8 +185,8 @@ impl Flusher {
     }
 
     /// Completes the callback of an append that is already in the WAL: synced right here, on
-    /// the caller's thread, when no sync task is running and the disk is not stalled, else
-    /// queued for the sync task.
+    /// the caller's thread, when no sync task is running, the disk is not stalled and the last
+    /// sync was quick ([`INLINE_SYNC_LIMIT`]), else queued for the sync task.
     ///
     /// openraft 0.9's core waits for each append's callback before it does anything else
     /// (`append_to_log`), so a queued callback never had company to share a sync with: handing
@@ -187,18 +194,31 @@ impl Flusher {
     /// Appends reported early ([`LeaderSync`]) still go to the sync task, which is what lets
     /// the leader's sync overlap replication.
     fn sync_or_submit(self: &Arc<Self>, store: &Store, callback: LogFlushed<TypeConfig>) {
-        let inline = {
-            let q = self.lock();
-            !q.running && !*self.stalled.lock().unwrap_or_else(|p| p.into_inner())
-        };
-        if !inline {
+        if !self.may_sync_inline() {
             return self.submit(store, Waiter::Callback(callback));
         }
+        let r = self.timed_sync(store);
+        callback.log_io_completed(r.map_err(std::io::Error::other));
+    }
+
+    /// Whether a sync may run on the caller's thread now ([`Flusher::sync_or_submit`]).
+    fn may_sync_inline(&self) -> bool {
+        let running = self.lock().running;
+        !running
+            && !self.slow.load(Ordering::Relaxed)
+            && !*self.stalled.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Syncs the WAL, recording whether it was slow.
+    fn timed_sync(&self, store: &Store) -> Result<(), String> {
+        let started = Instant::now();
         let r = store.sync().map_err(|e| e.to_string());
+        self.slow
+            .store(started.elapsed() > INLINE_SYNC_LIMIT, Ordering::Relaxed);
         if let Err(e) = &r {
             tracing::error!(error = %e, "raft log sync failed");
         }
-        callback.log_io_completed(r.map_err(std::io::Error::other));
+        r
     }
 
     /// Syncs and completes queued callbacks until the queue is empty. Every callback taken was
@@ -219,10 +239,7 @@ impl Flusher {
                     stalled = self.resume.wait(stalled).unwrap_or_else(|p| p.into_inner());
                 }
             }
-            let r = store.sync().map_err(|e| e.to_string());
-            if let Err(e) = &r {
-                tracing::error!(error = %e, "raft log sync failed");
-            }
+            let r = self.timed_sync(&store);
             let mut tickets = Vec::new();
             for w in batch {
                 match w {
@@ -461,6 +478,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        tracing::trace!("log append start");
         let mut encoded = Vec::new();
         let mut decoded = Vec::new();
         for e in entries {
@@ -484,6 +502,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             });
         match self.store.log_append_unsynced(encoded) {
             Ok(()) => {
+                tracing::trace!("log append in the WAL");
                 for (index, size, entry) in decoded {
                     cache.insert(index, entry, size);
                 }
@@ -545,6 +564,28 @@ mod tests {
 
     fn indexes(v: Option<Vec<Entry>>) -> Option<Vec<u64>> {
         v.map(|v| v.into_iter().map(|e| e.log_id.index).collect())
+    }
+
+    #[test]
+    fn syncs_run_inline_only_while_they_are_quick_and_nothing_else_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("db")).unwrap();
+        let f = Flusher::default();
+        assert!(f.may_sync_inline());
+        f.timed_sync(&store).unwrap();
+        f.slow.store(true, Ordering::Relaxed);
+        assert!(!f.may_sync_inline(), "the last sync was slow");
+        f.slow.store(false, Ordering::Relaxed);
+        f.stall(true);
+        assert!(
+            !f.may_sync_inline(),
+            "a stalled disk goes through the sync task"
+        );
+        f.stall(false);
+        f.lock().running = true;
+        assert!(!f.may_sync_inline(), "a sync task is running");
+        f.lock().running = false;
+        assert!(f.may_sync_inline());
     }
 
     #[test]
