@@ -134,8 +134,11 @@ pub struct Network {
     pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
     /// Holds the commit index sent to followers below the leader's unsynced entries.
     pub(crate) leader_sync: Option<Arc<crate::leader_sync::LeaderSync>>,
-    /// Send commit notices ahead of their answers ([`Peer::may_send_ahead`]).
+    /// Report commit notices accepted without waiting for their answers
+    /// ([`Peer::may_send_ahead`]).
     pub(crate) pipeline_commit_notices: bool,
+    /// How long such a notice is held back for the next request to carry.
+    pub(crate) commit_notice_delay: Duration,
 }
 
 /// The connection to one peer.
@@ -150,8 +153,11 @@ pub struct Peer {
     stream: Option<AppendStream>,
     /// The peer does not serve the stream (an older server): AppendEntries go one call each.
     unary_only: bool,
-    /// Send commit notices ahead of their answers ([`Peer::may_send_ahead`]).
+    /// Report commit notices accepted without waiting for their answers
+    /// ([`Peer::may_send_ahead`]).
     pipeline_notices: bool,
+    /// How long such a notice is held back before it is sent ([`Peer::hold_back`]).
+    notice_delay: Duration,
 }
 
 /// An AppendEntries stream to one peer: requests go in `tx`, answers come back on `rx` in order.
@@ -164,6 +170,25 @@ struct AppendStream {
     owed: bool,
     /// The last request the peer answered on this stream, if it answered `Success`.
     acked: Option<Acked>,
+    /// A commit notice held back, shared with the timer that sends it if no request comes
+    /// first ([`Peer::hold_back`]).
+    held: Arc<std::sync::Mutex<HeldNotice>>,
+}
+
+/// A commit notice reported accepted and held back: the next request carries its commit index,
+/// so it is dropped then, unless its timer sent it first.
+#[derive(Debug, Default)]
+struct HeldNotice {
+    /// The notice, until the timer sends it or the next request drops it.
+    payload: Option<Payload>,
+    /// The timer sent it: its answer is owed before the next request's.
+    sent: bool,
+}
+
+impl AppendStream {
+    fn held(&self) -> std::sync::MutexGuard<'_, HeldNotice> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// A request the peer accepted: the leader's vote, the last log ID the peer then held from
@@ -186,6 +211,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             stream: None,
             unary_only: false,
             pipeline_notices: self.pipeline_commit_notices,
+            notice_delay: self.commit_notice_delay,
         }
     }
 }
@@ -270,6 +296,7 @@ impl Peer {
                     rx: answers,
                     owed: false,
                     acked: None,
+                    held: Arc::default(),
                 }
             }
         };
@@ -298,15 +325,20 @@ impl Peer {
         Ok(answer)
     }
 
-    /// Whether `req` is a commit notice that may be reported accepted as soon as it is sent,
-    /// its answer read before the next request's: an AppendEntries without entries that only
-    /// moves the commit index on, from the same leader, right after the peer accepted all
-    /// before it on the kept stream, with no answer owed.
+    /// Whether `req` is a commit notice that may be reported accepted at once, and then held
+    /// back ([`Peer::hold_back`]) or sent with its answer read before the next request's: an
+    /// AppendEntries without entries that only moves the commit index on, from the same
+    /// leader, right after the peer accepted all before it on the kept stream, with no answer
+    /// owed.
     ///
     /// openraft 0.9's replication task sends such a notice after each commit and waits for its
-    /// answer before it sends the next entries, so a lone client's next write waited a round
-    /// trip that carried no entries. (Sending it ahead made no measurable difference in
-    /// `raft-bench`, so it is off by default: docs/benchmarks.md.)
+    /// answer before it sends the next entries: a round trip, and the follower's work on a
+    /// message, per commit and follower. Held back, it is dropped when the next request comes
+    /// first, since that request carries a commit index at least as high (the replication
+    /// task's commit index only grows, and a new leader gets new clients); under load that is
+    /// every notice (docs/benchmarks.md). A notice that is never sent costs nothing but time:
+    /// the commit index only ever needs to reach a follower eventually, and every later
+    /// request, heartbeats included, carries it.
     ///
     /// Reporting it accepted early changes nothing openraft 0.9.25 relies on (the version is
     /// pinned for this): for a request without entries, a `Success` moves no matching index and
@@ -331,6 +363,47 @@ impl Peer {
             && req.leader_commit > acked.commit
     }
 
+    /// Holds commit notice `payload` back on `stream`, reported accepted: the next request
+    /// drops it ([`Peer::settle_held_back`]), unless `delay` passes first and a timer sends it.
+    fn hold_back(
+        stream: &mut AppendStream,
+        payload: Payload,
+        commit: Option<crate::types::LogId>,
+        delay: Duration,
+    ) {
+        stream.held().payload = Some(payload);
+        if let Some(acked) = stream.acked.as_mut() {
+            acked.commit = commit;
+        }
+        let shared = stream.held.clone();
+        let tx = stream.tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let mut held = shared.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(p) = held.payload.take() {
+                // The stream is idle (no request is sent while a notice is held), so this
+                // fails only if the stream is gone; the commit index then goes with the next
+                // request on a new one.
+                held.sent = tx.try_send(p).is_ok();
+            }
+        });
+    }
+
+    /// Before a request: drops the commit notice held back on the stream, which this request
+    /// makes redundant, or, if its timer sent it, records its answer as owed.
+    fn settle_held_back(&mut self) {
+        if let Some(stream) = self.stream.as_mut() {
+            let sent = {
+                let mut held = stream.held();
+                held.payload = None;
+                std::mem::take(&mut held.sent)
+            };
+            if sent {
+                stream.owed = true;
+            }
+        }
+    }
+
     async fn append(
         &mut self,
         req: &AppendEntriesRequest<TypeConfig>,
@@ -338,7 +411,14 @@ impl Peer {
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
         if !self.unary_only {
             let mut payload = pack(req).map_err(|s| RPCError::Network(NetworkError::new(&s)))?;
+            self.settle_held_back();
             if self.may_send_ahead(req) {
+                if !self.notice_delay.is_zero() {
+                    if let Some(stream) = self.stream.as_mut() {
+                        Self::hold_back(stream, payload, req.leader_commit, self.notice_delay);
+                        return Ok(AppendEntriesResponse::Success);
+                    }
+                }
                 if let Some(stream) = self.stream.as_mut() {
                     match stream.tx.try_send(payload) {
                         Ok(()) => {
@@ -470,6 +550,7 @@ impl RaftGrpc {
 
     /// One AppendEntries, from a unary call or a stream: this node's Raft's answer, packed.
     async fn append_one(&self, payload: &Payload) -> Result<Payload, Status> {
+        tracing::trace!(bytes = payload.data.len(), "append_entries received");
         let req: AppendEntriesRequest<TypeConfig> = unpack(payload)?;
         self.heard(&req.vote);
         pack(&self.inner.raft.append_entries(req).await)
@@ -733,6 +814,16 @@ mod tests {
         peer_with(addr, true).await
     }
 
+    /// A peer for node 2 that holds commit notices back for `delay`.
+    async fn peer_holding(addr: &str, delay: Duration) -> Peer {
+        let mut network = Network {
+            pipeline_commit_notices: true,
+            commit_notice_delay: delay,
+            ..Network::default()
+        };
+        network.new_client(2, &BasicNode::new(addr)).await
+    }
+
     /// An AppendEntries without entries at log index 7 of leader 1 in term 3, carrying commit
     /// index `commit`.
     fn empty_append(commit: Option<u64>) -> AppendEntriesRequest<TypeConfig> {
@@ -880,6 +971,78 @@ mod tests {
         let r = p.append_entries(empty_append(Some(9)), ttl).await;
         assert_eq!(r.unwrap(), AppendEntriesResponse::Success);
         assert!(p.stream.as_ref().is_some_and(|s| s.owed));
+    }
+
+    #[tokio::test]
+    async fn a_held_back_notice_is_dropped_when_the_next_request_comes_first() {
+        let server = scripted(true, vec![]);
+        let addr = serve(server.clone()).await;
+        let mut p = peer_holding(&addr, Duration::from_secs(30)).await;
+        let ttl = RPCOption::new(Duration::from_secs(2));
+        p.append_entries(heartbeat(), ttl.clone()).await.unwrap();
+        let r = p.append_entries(empty_append(Some(8)), ttl.clone()).await;
+        assert_eq!(r.unwrap(), AppendEntriesResponse::Success);
+        assert_eq!(count(&server.stream_requests), 1, "the notice is held back");
+        // The next request carries the commit index: the notice is never sent.
+        let r = p.append_entries(empty_append(Some(8)), ttl).await;
+        assert_eq!(r.unwrap(), AppendEntriesResponse::Success);
+        assert_eq!(count(&server.stream_requests), 2);
+        assert_eq!(count(&server.stream_answers), 2);
+        let stream = p.stream.as_ref().unwrap();
+        assert!(!stream.owed && stream.held().payload.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_held_back_notice_is_sent_after_the_delay_and_answered_before_the_next() {
+        let server = scripted(true, vec![]);
+        let addr = serve(server.clone()).await;
+        let mut p = peer_holding(&addr, Duration::from_millis(20)).await;
+        let ttl = RPCOption::new(Duration::from_secs(2));
+        p.append_entries(heartbeat(), ttl.clone()).await.unwrap();
+        server.hold.send_replace(true);
+        let r = p.append_entries(empty_append(Some(8)), ttl.clone()).await;
+        assert_eq!(r.unwrap(), AppendEntriesResponse::Success);
+        // No next request comes: the timer sends the notice.
+        until(&server.stream_requests, 2).await;
+        // The next request waits for the notice's answer, then gets its own.
+        let next = tokio::spawn(async move {
+            let r = p.append_entries(empty_append(Some(8)), ttl).await;
+            (p, r)
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!next.is_finished(), "answered before the peer answered");
+        server.hold.send_replace(false);
+        let (p, r) = next.await.unwrap();
+        assert_eq!(r.unwrap(), AppendEntriesResponse::Success);
+        assert_eq!(count(&server.stream_requests), 3);
+        assert_eq!(count(&server.stream_answers), 3);
+        assert_eq!(count(&server.streams_opened), 1);
+        assert!(p.stream.as_ref().is_some_and(|s| !s.owed));
+    }
+
+    #[tokio::test]
+    async fn a_held_back_notice_refused_when_sent_fails_the_next_request() {
+        let conflict: Answer = Ok(AppendEntriesResponse::Conflict);
+        let server = scripted(
+            true,
+            vec![(Duration::ZERO, success()), (Duration::ZERO, conflict)],
+        );
+        let addr = serve(server.clone()).await;
+        let mut p = peer_holding(&addr, Duration::from_millis(20)).await;
+        let ttl = RPCOption::new(Duration::from_secs(2));
+        p.append_entries(heartbeat(), ttl.clone()).await.unwrap();
+        let r = p.append_entries(empty_append(Some(8)), ttl.clone()).await;
+        assert_eq!(r.unwrap(), AppendEntriesResponse::Success);
+        until(&server.stream_answers, 2).await;
+        let next = p.append_entries(empty_append(Some(8)), ttl.clone()).await;
+        let Err(RPCError::Network(e)) = next else {
+            panic!("the refusal fails the next request: {next:?}")
+        };
+        assert!(e.to_string().contains("commit notice"), "{e}");
+        // Resent, it goes on a new stream and gets the peer's own answer.
+        let r = p.append_entries(empty_append(Some(8)), ttl).await;
+        assert_eq!(r.unwrap(), AppendEntriesResponse::Success);
+        assert_eq!(count(&server.streams_opened), 2);
     }
 
     /// A peer whose first request was accepted and whose second (a commit notice) is answered

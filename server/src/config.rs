@@ -154,11 +154,16 @@ pub struct ClusterSection {
     /// `plinth_raft::node::RaftConfig::parallel_leader_sync` and docs/benchmarks.md).
     #[serde(default = "default_parallel_leader_sync")]
     pub parallel_leader_sync: bool,
-    /// As leader, send a follower the AppendEntries that only moves its commit index on
-    /// without waiting for the answer before the next entries. Off by default (see
+    /// As leader, count the AppendEntries that only moves a follower's commit index on as
+    /// accepted without waiting for its answer, and hold it back `commit_notice_delay_us` for
+    /// the next request to carry. On by default (see
     /// `plinth_raft::node::RaftConfig::pipeline_commit_notices` and docs/benchmarks.md).
     #[serde(default = "default_pipeline_commit_notices")]
     pub pipeline_commit_notices: bool,
+    /// Microseconds a commit notice is held back; 0 sends it at once. At most the heartbeat
+    /// interval.
+    #[serde(default = "default_commit_notice_delay_us")]
+    pub commit_notice_delay_us: u64,
 }
 
 impl Default for ClusterSection {
@@ -179,6 +184,7 @@ impl Default for ClusterSection {
             logs_kept_after_snapshot: default_logs_kept_after_snapshot(),
             parallel_leader_sync: default_parallel_leader_sync(),
             pipeline_commit_notices: default_pipeline_commit_notices(),
+            commit_notice_delay_us: default_commit_notice_delay_us(),
         }
     }
 }
@@ -323,6 +329,9 @@ fn default_parallel_leader_sync() -> bool {
 }
 fn default_pipeline_commit_notices() -> bool {
     plinth_raft::node::DEFAULT_PIPELINE_COMMIT_NOTICES
+}
+fn default_commit_notice_delay_us() -> u64 {
+    plinth_raft::node::DEFAULT_COMMIT_NOTICE_DELAY_US
 }
 fn default_health_bind() -> String {
     "localhost".into()
@@ -508,6 +517,15 @@ impl Config {
         if file.cluster.node_id == 0 {
             return Err(invalid("cluster.node_id", "must be at least 1"));
         }
+        if file.cluster.commit_notice_delay_us
+            > file.cluster.heartbeat_interval_ms.saturating_mul(1000)
+        {
+            return Err(invalid(
+                "cluster.commit_notice_delay_us",
+                "must not exceed heartbeat_interval_ms (a heartbeat that moves the commit index \
+                 on is held back as long)",
+            ));
+        }
         if file.cluster.snapshot_after_logs == 0 {
             return Err(invalid("cluster.snapshot_after_logs", "must be at least 1"));
         }
@@ -630,10 +648,34 @@ data_dir = "/tmp/x"
     }
 
     #[test]
-    fn pipeline_commit_notices_is_off_unless_turned_on() {
-        cluster_switch("pipeline_commit_notices", false, |c| {
+    fn pipeline_commit_notices_is_on_unless_turned_off() {
+        cluster_switch("pipeline_commit_notices", true, |c| {
             c.file.cluster.pipeline_commit_notices
         });
+    }
+
+    #[test]
+    fn commit_notice_delay_defaults_to_1ms_and_stays_within_the_heartbeat() {
+        let with = |cluster: &str| format!("{MIN}\n[cluster]\n{cluster}\n");
+        let c = Config::parse(MIN, false).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.file.cluster.commit_notice_delay_us, 1000);
+        let c = Config::parse(&with("commit_notice_delay_us = 0"), false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.file.cluster.commit_notice_delay_us, 0);
+        let c = Config::parse(
+            &with("heartbeat_interval_ms = 50\ncommit_notice_delay_us = 50000"),
+            false,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.file.cluster.commit_notice_delay_us, 50_000);
+        let e = Config::parse(
+            &with("heartbeat_interval_ms = 50\ncommit_notice_delay_us = 50001"),
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cluster.commit_notice_delay_us"), "{e}");
+        assert!(e.contains("heartbeat_interval_ms"), "{e}");
     }
 
     #[test]

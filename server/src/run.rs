@@ -120,6 +120,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningServer> {
     rc.logs_kept_after_snapshot = cl.logs_kept_after_snapshot;
     rc.parallel_leader_sync = cl.parallel_leader_sync;
     rc.pipeline_commit_notices = cl.pipeline_commit_notices;
+    rc.commit_notice_delay = Duration::from_micros(cl.commit_notice_delay_us);
     // The server's SVID, also presented to peers: restored before Raft starts, because loading
     // the CA needs a leader and electing one needs peers to accept each other.
     let identity = Arc::new(

@@ -76,11 +76,17 @@ struct Args {
     /// difference.
     #[arg(long)]
     serial_leader_sync: bool,
-    /// Let plinth's leader send each commit notice (the AppendEntries that only moves a
-    /// follower's commit index on) without waiting for its answer before the next entries
-    /// (`[cluster] pipeline_commit_notices = true`; off by default), to measure the difference.
+    /// Make plinth's leader wait for the answer to each commit notice (the AppendEntries that
+    /// only moves a follower's commit index on) before the next entries, as openraft 0.9 does
+    /// (`[cluster] pipeline_commit_notices = false`; by default it holds notices back, see
+    /// `--commit-notice-delay-us`), to measure the difference.
     #[arg(long)]
-    pipeline_commit_notices: bool,
+    wait_for_commit_notices: bool,
+    /// plinth's `[cluster] commit_notice_delay_us`: how long a commit notice is held back for
+    /// the next request to carry; 0 sends it at once without waiting for its answer (default:
+    /// plinth-server's).
+    #[arg(long, default_value_t = 1000)]
+    commit_notice_delay_us: u64,
     /// Keep the work directory (data and each server's log) after the run, and print its path.
     #[arg(long)]
     keep_work_dir: bool,
@@ -240,7 +246,8 @@ async fn main() -> anyhow::Result<()> {
         snapshot_after_logs: args.snapshot_after_logs,
         logs_kept_after_snapshot: args.logs_kept_after_snapshot,
         parallel_leader_sync: !args.serial_leader_sync,
-        pipeline_commit_notices: args.pipeline_commit_notices,
+        pipeline_commit_notices: !args.wait_for_commit_notices,
+        commit_notice_delay_us: args.commit_notice_delay_us,
     };
 
     eprintln!("starting plinth (3 processes) and etcd (3 members) ...");

@@ -31,6 +31,7 @@ pub struct Timing {
     pub logs_kept_after_snapshot: u64,
     pub parallel_leader_sync: bool,
     pub pipeline_commit_notices: bool,
+    pub commit_notice_delay_us: u64,
 }
 
 #[derive(Debug)]
@@ -132,6 +133,7 @@ snapshot_after_logs = {snap}
 logs_kept_after_snapshot = {kept}
 parallel_leader_sync = {pls}
 pipeline_commit_notices = {pcn}
+commit_notice_delay_us = {cnd}
 
 [key_manager]
 type = "disk"
@@ -148,6 +150,7 @@ keys_path = "{d}/keys"
                 kept = t.logs_kept_after_snapshot,
                 pls = t.parallel_leader_sync,
                 pcn = t.pipeline_commit_notices,
+                cnd = t.commit_notice_delay_us,
             );
             std::fs::write(dir.join("server.toml"), config)?;
             nodes.push(Node {
