@@ -906,7 +906,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_commit_notice_goes_ahead_and_its_answer_is_read_before_the_next() {
-        let server = scripted(true, vec![]);
+        let server = scripted(true, notice_then_next_answers());
         let addr = serve(server.clone()).await;
         let mut p = peer(&addr).await;
         let ttl = RPCOption::new(Duration::from_secs(2));
@@ -923,6 +923,23 @@ mod tests {
             "the notice is not answered yet"
         );
         // The next request (a heartbeat: the commit index has not moved) waits for both answers.
+        next_waits_for_the_notice_answer(p, &server, ttl).await;
+    }
+
+    /// The peer's answers to a first request, a notice and the next request: the last is a
+    /// higher vote, so that the next request getting the notice's answer instead would show.
+    fn notice_then_next_answers() -> Vec<(Duration, Answer)> {
+        vec![
+            (Duration::ZERO, success()),
+            (Duration::ZERO, success()),
+            (Duration::ZERO, higher_vote()),
+        ]
+    }
+
+    /// With the notice sent on `p` and the peer holding its answers back, the next request
+    /// (a heartbeat) waits until the peer answered both the notice and it, on the one stream,
+    /// and gets its own answer ([`notice_then_next_answers`]).
+    async fn next_waits_for_the_notice_answer(mut p: Peer, server: &Scripted, ttl: RPCOption) {
         let next = tokio::spawn(async move {
             let r = p.append_entries(empty_append(Some(8)), ttl).await;
             (p, r)
@@ -934,7 +951,8 @@ mod tests {
         assert_eq!(count(&server.stream_answers), 1);
         server.hold.send_replace(false);
         let (p, r) = next.await.unwrap();
-        assert_eq!(r.unwrap(), AppendEntriesResponse::Success);
+        assert_eq!(r.unwrap(), higher_vote().unwrap());
+        assert_eq!(count(&server.stream_requests), 3);
         assert_eq!(count(&server.stream_answers), 3);
         assert_eq!(count(&server.streams_opened), 1);
         assert!(p.stream.as_ref().is_some_and(|s| !s.owed));
@@ -957,16 +975,8 @@ mod tests {
         p.append_entries(heartbeat(), ttl.clone()).await.unwrap();
         let notice = p.append_entries(empty_append(Some(8)), ttl.clone()).await;
         assert_eq!(notice.unwrap(), AppendEntriesResponse::Success);
-        let next = p.append_entries(empty_append(Some(8)), ttl.clone()).await;
-        let Err(RPCError::Network(e)) = next else {
-            panic!("the refusal fails the next request: {next:?}")
-        };
-        assert!(e.to_string().contains("commit notice"), "{e}");
-        // Resent, it goes on a new stream and gets the peer's own answer; a notice right after
-        // goes ahead again.
-        let r = p.append_entries(empty_append(Some(8)), ttl.clone()).await;
-        assert_eq!(r.unwrap(), AppendEntriesResponse::Success);
-        assert_eq!(count(&server.streams_opened), 2);
+        next_fails_then_goes_on_a_new_stream(&mut p, &server, &ttl).await;
+        // A notice right after goes ahead again.
         assert!(p.stream.as_ref().is_some_and(|s| s.acked.is_some()));
         let r = p.append_entries(empty_append(Some(9)), ttl).await;
         assert_eq!(r.unwrap(), AppendEntriesResponse::Success);
@@ -994,7 +1004,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_held_back_notice_is_sent_after_the_delay_and_answered_before_the_next() {
-        let server = scripted(true, vec![]);
+        let server = scripted(true, notice_then_next_answers());
         let addr = serve(server.clone()).await;
         let mut p = peer_holding(&addr, Duration::from_millis(20)).await;
         let ttl = RPCOption::new(Duration::from_secs(2));
@@ -1005,19 +1015,7 @@ mod tests {
         // No next request comes: the timer sends the notice.
         until(&server.stream_requests, 2).await;
         // The next request waits for the notice's answer, then gets its own.
-        let next = tokio::spawn(async move {
-            let r = p.append_entries(empty_append(Some(8)), ttl).await;
-            (p, r)
-        });
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(!next.is_finished(), "answered before the peer answered");
-        server.hold.send_replace(false);
-        let (p, r) = next.await.unwrap();
-        assert_eq!(r.unwrap(), AppendEntriesResponse::Success);
-        assert_eq!(count(&server.stream_requests), 3);
-        assert_eq!(count(&server.stream_answers), 3);
-        assert_eq!(count(&server.streams_opened), 1);
-        assert!(p.stream.as_ref().is_some_and(|s| !s.owed));
+        next_waits_for_the_notice_answer(p, &server, ttl).await;
     }
 
     #[tokio::test]
@@ -1034,13 +1032,22 @@ mod tests {
         let r = p.append_entries(empty_append(Some(8)), ttl.clone()).await;
         assert_eq!(r.unwrap(), AppendEntriesResponse::Success);
         until(&server.stream_answers, 2).await;
+        next_fails_then_goes_on_a_new_stream(&mut p, &server, &ttl).await;
+    }
+
+    /// With a notice on `p` that the peer refused, the next request fails; resent, it goes on
+    /// a new stream and gets the peer's own answer.
+    async fn next_fails_then_goes_on_a_new_stream(
+        p: &mut Peer,
+        server: &Scripted,
+        ttl: &RPCOption,
+    ) {
         let next = p.append_entries(empty_append(Some(8)), ttl.clone()).await;
         let Err(RPCError::Network(e)) = next else {
             panic!("the refusal fails the next request: {next:?}")
         };
         assert!(e.to_string().contains("commit notice"), "{e}");
-        // Resent, it goes on a new stream and gets the peer's own answer.
-        let r = p.append_entries(empty_append(Some(8)), ttl).await;
+        let r = p.append_entries(empty_append(Some(8)), ttl.clone()).await;
         assert_eq!(r.unwrap(), AppendEntriesResponse::Success);
         assert_eq!(count(&server.streams_opened), 2);
     }
