@@ -3,11 +3,12 @@
 //! without Raft, and prints the time per created entry for every 10 000 entries.
 //!
 //! ```sh
-//! cargo run --release -p plinth-storage --example apply_growth -- /var/tmp/apply-growth [rounds]
+//! cargo run --release -p plinth-storage --example apply_growth -- /var/tmp/apply-growth [rounds] [ordered|random]
 //! ```
 //!
-//! The directory is deleted first and left behind for its RocksDB `LOG`. See
-//! docs/benchmarks.md ("plinth slows down as its state grows").
+//! Entry IDs are `ordered` (rising, as the server's time-ordered UUIDs are) or `random` (as
+//! UUID v4s are, which the server made before). The directory is deleted first and left behind
+//! for its RocksDB `LOG`. See docs/benchmarks.md ("plinth slowed down as its state grew").
 
 use std::error::Error;
 use std::time::Instant;
@@ -27,6 +28,11 @@ fn main() -> Result<(), Box<dyn Error>> {
         Some(r) => r.parse()?,
         None => 40,
     };
+    let random_ids = match args.next().as_deref() {
+        None | Some("ordered") => false,
+        Some("random") => true,
+        Some(other) => return Err(format!("IDs are ordered or random, not {other:?}").into()),
+    };
     if std::path::Path::new(&dir).exists() {
         std::fs::remove_dir_all(&dir)?;
     }
@@ -42,11 +48,14 @@ fn main() -> Result<(), Box<dyn Error>> {
             let mut commands = Vec::new();
             for _ in 0..BATCH {
                 created += 1;
-                // IDs in no particular order, as the server's random ones are.
-                let id = format!(
-                    "{:032x}",
-                    u128::from(created).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835)
-                );
+                let id = if random_ids {
+                    format!(
+                        "{:032x}",
+                        u128::from(created).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835)
+                    )
+                } else {
+                    format!("{created:032x}")
+                };
                 let spiffe_id = SpiffeId::new(&format!(
                     "spiffe://example.org/bench/c{}/{created:010}",
                     created % 64
