@@ -255,17 +255,17 @@ pub fn serial_hex(der: &[u8]) -> Result<String, Status> {
 mod tests {
     use super::*;
 
-    fn fields(id: &str) -> Vec<&str> {
+    /// The five fields of `id`, checked to be a UUID of `version` with the RFC 9562 variant.
+    fn uuid_fields(id: &str, version: char) -> Vec<&str> {
         let f: Vec<&str> = id.split('-').collect();
-        assert_eq!(
-            f.iter().map(|p| p.len()).collect::<Vec<_>>(),
-            [8, 4, 4, 4, 12],
-            "{id}"
-        );
+        let lens: Vec<usize> = f.iter().map(|p| p.len()).collect();
+        assert_eq!(lens, [8, 4, 4, 4, 12], "{id}");
         assert!(
             id.bytes().all(|c| c == b'-' || c.is_ascii_hexdigit()),
             "{id}"
         );
+        assert!(f[2].starts_with(version), "version {version}: {id}");
+        assert!(matches!(&f[3][..1], "8" | "9" | "a" | "b"), "variant: {id}");
         f
     }
 
@@ -276,12 +276,7 @@ mod tests {
             .unwrap()
             .as_millis();
         let first = new_entry_id().unwrap();
-        let f = fields(&first);
-        assert!(f[2].starts_with('7'), "version 7: {first}");
-        assert!(
-            matches!(&f[3][..1], "8" | "9" | "a" | "b"),
-            "variant: {first}"
-        );
+        let f = uuid_fields(&first, '7');
         let ms = u128::from_str_radix(&format!("{}{}", f[0], f[1]), 16).unwrap();
         assert!(ms >= before && ms < before + 60_000, "{ms} vs {before}");
         // A later millisecond sorts later; within one, the random bits keep IDs apart.
@@ -291,12 +286,6 @@ mod tests {
         let many: std::collections::HashSet<String> =
             (0..1000).map(|_| new_entry_id().unwrap()).collect();
         assert_eq!(many.len(), 1000);
-        let token = new_uuid().unwrap();
-        let t = fields(&token);
-        assert!(t[2].starts_with('4'), "version 4: {token}");
-        assert!(
-            matches!(&t[3][..1], "8" | "9" | "a" | "b"),
-            "variant: {token}"
-        );
+        uuid_fields(&new_uuid().unwrap(), '4');
     }
 }
