@@ -532,6 +532,20 @@ async fn t05_plain_tcp_needs_the_explicit_flag() {
     ));
 }
 
+#[tokio::test]
+async fn t06_a_commit_notice_is_held_back_at_most_a_heartbeat() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(1, free_addr(), dir.path());
+    cfg.commit_notice_delay = cfg.heartbeat_interval + Duration::from_micros(1);
+    assert!(matches!(
+        RaftNode::start(cfg).await,
+        Err(NodeError::Config(m)) if m.contains("commit_notice_delay") && m.contains("heartbeat_interval")
+    ));
+    let mut cfg = config(1, free_addr(), dir.path());
+    cfg.commit_notice_delay = cfg.heartbeat_interval;
+    cfg.validate().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t70_concurrent_writes_share_log_entries_but_each_gets_its_own_answer() {
     use plinth_storage::CommandError;
