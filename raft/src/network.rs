@@ -365,16 +365,8 @@ impl Peer {
 
     /// Holds commit notice `payload` back on `stream`, reported accepted: the next request
     /// drops it ([`Peer::settle_held_back`]), unless `delay` passes first and a timer sends it.
-    fn hold_back(
-        stream: &mut AppendStream,
-        payload: Payload,
-        commit: Option<crate::types::LogId>,
-        delay: Duration,
-    ) {
+    fn hold_back(stream: &AppendStream, payload: Payload, delay: Duration) {
         stream.held().payload = Some(payload);
-        if let Some(acked) = stream.acked.as_mut() {
-            acked.commit = commit;
-        }
         let shared = stream.held.clone();
         let tx = stream.tx.clone();
         tokio::spawn(async move {
@@ -413,16 +405,16 @@ impl Peer {
             let mut payload = pack(req).map_err(|s| RPCError::Network(NetworkError::new(&s)))?;
             self.settle_held_back();
             if self.may_send_ahead(req) {
-                if !self.notice_delay.is_zero() {
-                    if let Some(stream) = self.stream.as_mut() {
-                        Self::hold_back(stream, payload, req.leader_commit, self.notice_delay);
-                        return Ok(AppendEntriesResponse::Success);
-                    }
-                }
                 if let Some(stream) = self.stream.as_mut() {
-                    match stream.tx.try_send(payload) {
+                    // Held back, or sent at once with its answer owed.
+                    let accepted = if self.notice_delay.is_zero() {
+                        stream.tx.try_send(payload).map(|()| stream.owed = true)
+                    } else {
+                        Self::hold_back(stream, payload, self.notice_delay);
+                        Ok(())
+                    };
+                    match accepted {
                         Ok(()) => {
-                            stream.owed = true;
                             if let Some(acked) = stream.acked.as_mut() {
                                 acked.commit = req.leader_commit;
                             }
@@ -531,11 +523,11 @@ impl RaftNetwork<TypeConfig> for Peer {
     }
 }
 
-/// The gRPC service a node serves to its peers.
 /// The answers a follower sends back on an AppendEntries stream.
 type AnswerStream =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<Payload, Status>> + Send + 'static>>;
 
+/// The gRPC service a node serves to its peers.
 #[derive(Debug, Clone)]
 pub(crate) struct RaftGrpc {
     pub(crate) inner: Arc<Inner>,
@@ -801,27 +793,23 @@ mod tests {
         n.load(Ordering::SeqCst)
     }
 
-    /// A peer for node 2, as a replication task gets it, sending commit notices ahead or not.
-    async fn peer_with(addr: &str, pipeline_commit_notices: bool) -> Peer {
+    /// A peer for node 2, as a replication task gets it: commit notices reported accepted
+    /// early or not, and held back for `delay` (zero: sent at once).
+    async fn peer_with(addr: &str, pipeline_commit_notices: bool, delay: Duration) -> Peer {
         let mut network = Network {
             pipeline_commit_notices,
-            ..Network::default()
-        };
-        network.new_client(2, &BasicNode::new(addr)).await
-    }
-
-    async fn peer(addr: &str) -> Peer {
-        peer_with(addr, true).await
-    }
-
-    /// A peer for node 2 that holds commit notices back for `delay`.
-    async fn peer_holding(addr: &str, delay: Duration) -> Peer {
-        let mut network = Network {
-            pipeline_commit_notices: true,
             commit_notice_delay: delay,
             ..Network::default()
         };
         network.new_client(2, &BasicNode::new(addr)).await
+    }
+
+    /// Serves `server` and connects a peer to it that reports commit notices accepted early
+    /// and holds them back for `delay`; with a 2 s deadline per call.
+    async fn connect(server: &Scripted, delay: Duration) -> (Peer, RPCOption) {
+        let addr = serve(server.clone()).await;
+        let p = peer_with(&addr, true, delay).await;
+        (p, RPCOption::new(Duration::from_secs(2)))
     }
 
     /// An AppendEntries without entries at log index 7 of leader 1 in term 3, carrying commit
@@ -855,7 +843,7 @@ mod tests {
     async fn a_dropped_call_never_lends_its_late_answer_to_the_next() {
         let server = scripted(true, vec![(Duration::from_millis(400), higher_vote())]);
         let addr = serve(server.clone()).await;
-        let mut p = peer(&addr).await;
+        let mut p = peer_with(&addr, true, Duration::ZERO).await;
         let ttl = RPCOption::new(Duration::from_millis(150));
         let first = p.append_entries(heartbeat(), ttl.clone()).await;
         assert!(
@@ -876,9 +864,7 @@ mod tests {
     #[tokio::test]
     async fn a_stream_carries_answers_in_order_on_one_stream() {
         let server = scripted(true, vec![(Duration::ZERO, higher_vote())]);
-        let addr = serve(server.clone()).await;
-        let mut p = peer(&addr).await;
-        let ttl = RPCOption::new(Duration::from_secs(2));
+        let (mut p, ttl) = connect(&server, Duration::ZERO).await;
         let first = p.append_entries(heartbeat(), ttl.clone()).await.unwrap();
         assert!(matches!(first, AppendEntriesResponse::HigherVote(_)));
         for _ in 0..5 {
@@ -893,9 +879,7 @@ mod tests {
     #[tokio::test]
     async fn a_peer_without_the_stream_gets_one_call_per_append() {
         let server = scripted(false, vec![]);
-        let addr = serve(server.clone()).await;
-        let mut p = peer(&addr).await;
-        let ttl = RPCOption::new(Duration::from_secs(2));
+        let (mut p, ttl) = connect(&server, Duration::ZERO).await;
         for commit in [None, Some(8), Some(9)] {
             let r = p.append_entries(empty_append(commit), ttl.clone()).await;
             assert_eq!(r.unwrap(), AppendEntriesResponse::Success);
@@ -907,9 +891,7 @@ mod tests {
     #[tokio::test]
     async fn a_commit_notice_goes_ahead_and_its_answer_is_read_before_the_next() {
         let server = scripted(true, notice_then_next_answers());
-        let addr = serve(server.clone()).await;
-        let mut p = peer(&addr).await;
-        let ttl = RPCOption::new(Duration::from_secs(2));
+        let (mut p, ttl) = connect(&server, Duration::ZERO).await;
         let r = p.append_entries(heartbeat(), ttl.clone()).await.unwrap();
         assert_eq!(r, AppendEntriesResponse::Success);
         // The peer now holds its answers back: the notice is reported accepted once sent.
@@ -969,9 +951,7 @@ mod tests {
                 (Duration::ZERO, success()),
             ],
         );
-        let addr = serve(server.clone()).await;
-        let mut p = peer(&addr).await;
-        let ttl = RPCOption::new(Duration::from_secs(2));
+        let (mut p, ttl) = connect(&server, Duration::ZERO).await;
         p.append_entries(heartbeat(), ttl.clone()).await.unwrap();
         let notice = p.append_entries(empty_append(Some(8)), ttl.clone()).await;
         assert_eq!(notice.unwrap(), AppendEntriesResponse::Success);
@@ -986,9 +966,7 @@ mod tests {
     #[tokio::test]
     async fn a_held_back_notice_is_dropped_when_the_next_request_comes_first() {
         let server = scripted(true, vec![]);
-        let addr = serve(server.clone()).await;
-        let mut p = peer_holding(&addr, Duration::from_secs(30)).await;
-        let ttl = RPCOption::new(Duration::from_secs(2));
+        let (mut p, ttl) = connect(&server, Duration::from_secs(30)).await;
         p.append_entries(heartbeat(), ttl.clone()).await.unwrap();
         let r = p.append_entries(empty_append(Some(8)), ttl.clone()).await;
         assert_eq!(r.unwrap(), AppendEntriesResponse::Success);
@@ -1005,9 +983,7 @@ mod tests {
     #[tokio::test]
     async fn a_held_back_notice_is_sent_after_the_delay_and_answered_before_the_next() {
         let server = scripted(true, notice_then_next_answers());
-        let addr = serve(server.clone()).await;
-        let mut p = peer_holding(&addr, Duration::from_millis(20)).await;
-        let ttl = RPCOption::new(Duration::from_secs(2));
+        let (mut p, ttl) = connect(&server, Duration::from_millis(20)).await;
         p.append_entries(heartbeat(), ttl.clone()).await.unwrap();
         server.hold.send_replace(true);
         let r = p.append_entries(empty_append(Some(8)), ttl.clone()).await;
@@ -1025,9 +1001,7 @@ mod tests {
             true,
             vec![(Duration::ZERO, success()), (Duration::ZERO, conflict)],
         );
-        let addr = serve(server.clone()).await;
-        let mut p = peer_holding(&addr, Duration::from_millis(20)).await;
-        let ttl = RPCOption::new(Duration::from_secs(2));
+        let (mut p, ttl) = connect(&server, Duration::from_millis(20)).await;
         p.append_entries(heartbeat(), ttl.clone()).await.unwrap();
         let r = p.append_entries(empty_append(Some(8)), ttl.clone()).await;
         assert_eq!(r.unwrap(), AppendEntriesResponse::Success);
@@ -1060,7 +1034,7 @@ mod tests {
             vec![(Duration::ZERO, success()), (Duration::ZERO, higher_vote())],
         );
         let addr = serve(server).await;
-        let mut p = peer_with(&addr, pipeline_commit_notices).await;
+        let mut p = peer_with(&addr, pipeline_commit_notices, Duration::ZERO).await;
         let ttl = RPCOption::new(Duration::from_secs(2));
         p.append_entries(heartbeat(), ttl.clone()).await.unwrap();
         (p, ttl)
@@ -1083,9 +1057,7 @@ mod tests {
     async fn a_new_client_or_a_changed_log_waits_for_the_answer() {
         // A leadership check is sent on a new client: its answer is always the peer's own.
         let server = scripted(true, vec![(Duration::ZERO, higher_vote())]);
-        let addr = serve(server.clone()).await;
-        let mut p = peer(&addr).await;
-        let ttl = RPCOption::new(Duration::from_secs(2));
+        let (mut p, ttl) = connect(&server, Duration::ZERO).await;
         let r = p.append_entries(empty_append(Some(8)), ttl.clone()).await;
         assert!(matches!(r.unwrap(), AppendEntriesResponse::HigherVote(_)));
         // Notices at another log index or from another leader than the one accepted wait too.
