@@ -517,6 +517,32 @@ impl Config {
         if file.cluster.node_id == 0 {
             return Err(invalid("cluster.node_id", "must be at least 1"));
         }
+        // The Raft timings, checked here as well as when Raft starts
+        // (`plinth_raft::RaftConfig::validate`), so that `plinth-server validate` refuses them too
+        // and names the key.
+        let timing = &file.cluster;
+        if timing.heartbeat_interval_ms == 0
+            || timing.heartbeat_interval_ms >= timing.election_timeout_min_ms
+        {
+            return Err(invalid(
+                "cluster.heartbeat_interval_ms",
+                format!(
+                    "{} must be at least 1 and below election_timeout_min_ms ({}): a follower \
+                     that hears no heartbeat within its election timeout starts an election",
+                    timing.heartbeat_interval_ms, timing.election_timeout_min_ms
+                ),
+            ));
+        }
+        if timing.election_timeout_min_ms >= timing.election_timeout_max_ms {
+            return Err(invalid(
+                "cluster.election_timeout_min_ms",
+                format!(
+                    "{} must be below election_timeout_max_ms ({}): servers draw their timeouts \
+                     from that range so that they do not all stand at once",
+                    timing.election_timeout_min_ms, timing.election_timeout_max_ms
+                ),
+            ));
+        }
         if file.cluster.commit_notice_delay_us
             > file.cluster.heartbeat_interval_ms.saturating_mul(1000)
         {
@@ -676,6 +702,31 @@ data_dir = "/tmp/x"
         .to_string();
         assert!(e.contains("cluster.commit_notice_delay_us"), "{e}");
         assert!(e.contains("heartbeat_interval_ms"), "{e}");
+    }
+
+    #[test]
+    fn raft_timings_out_of_order_are_refused_by_key() {
+        let with = |cluster: &str| format!("{MIN}\n[cluster]\n{cluster}\n");
+        let refused = |cluster: &str| {
+            Config::parse(&with(cluster), false)
+                .map(|_| ())
+                .expect_err(cluster)
+                .to_string()
+        };
+        let c = Config::parse(
+            &with("heartbeat_interval_ms = 99\nelection_timeout_min_ms = 100\nelection_timeout_max_ms = 101"),
+            false,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.file.cluster.heartbeat_interval_ms, 99);
+        let e = refused("heartbeat_interval_ms = 0");
+        assert!(e.contains("cluster.heartbeat_interval_ms"), "{e}");
+        let e = refused("heartbeat_interval_ms = 100\nelection_timeout_min_ms = 100");
+        assert!(e.contains("cluster.heartbeat_interval_ms"), "{e}");
+        assert!(e.contains("election_timeout_min_ms (100)"), "{e}");
+        let e = refused("election_timeout_min_ms = 300\nelection_timeout_max_ms = 300");
+        assert!(e.contains("cluster.election_timeout_min_ms"), "{e}");
+        assert!(e.contains("election_timeout_max_ms (300)"), "{e}");
     }
 
     #[test]

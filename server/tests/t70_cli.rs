@@ -65,6 +65,25 @@ async fn t70_cli_against_a_running_server() {
             v.stderr
         );
         assert_eq!(v.stderr.trim().lines().count(), 1, "{}", v.stderr);
+        // Raft timings that could only fail once Raft starts are refused here, by key.
+        let slow = cfg_path.with_file_name("slow-heartbeat.toml");
+        let text = std::fs::read_to_string(&cfg_path).unwrap();
+        assert!(text.contains("heartbeat_interval_ms = 50\n"), "{text}");
+        std::fs::write(
+            &slow,
+            text.replace(
+                "heartbeat_interval_ms = 50\n",
+                "heartbeat_interval_ms = 150\n",
+            ),
+        )
+        .unwrap();
+        let s = cli(&["validate", "-config", slow.to_str().unwrap()]);
+        assert!(!s.ok, "{}", s.stdout);
+        assert!(
+            s.stderr.contains("cluster.heartbeat_interval_ms"),
+            "{}",
+            s.stderr
+        );
         v
     })
     .await
