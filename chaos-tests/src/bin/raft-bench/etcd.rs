@@ -92,9 +92,9 @@ impl Cluster {
         Ok(c)
     }
 
-    /// CPU time the three members have used so far.
-    pub fn cpu_time(&self) -> std::time::Duration {
-        crate::procs::cpu_time(&self.procs)
+    /// CPU time and context switches the three members have used so far.
+    pub fn usage(&self) -> crate::procs::Usage {
+        crate::procs::usage(&self.procs)
     }
 
     /// The client URL of the member every member names as leader.

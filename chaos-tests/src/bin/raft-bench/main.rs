@@ -120,6 +120,8 @@ struct Stats {
     /// CPU time the system's three server processes used over the whole cell (warm-up
     /// included, as `sent` is).
     cpu: Duration,
+    /// Their threads' voluntary context switches over the cell (`procs::Proc::voluntary_switches`).
+    switches: u64,
 }
 
 impl Stats {
@@ -133,6 +135,12 @@ impl Stats {
         self.cpu.as_secs_f64() * 1000.0 / self.sent.max(1) as f64
     }
 
+    /// Server threads' voluntary context switches per write sent: the thread hand-offs a write
+    /// costs the three servers, which the host's load hardly moves at all.
+    fn switches_per_write(&self) -> f64 {
+        self.switches as f64 / self.sent.max(1) as f64
+    }
+
     /// All rounds of one cell as one measurement (`None` if there were none).
     fn pooled<'a>(rounds: impl Iterator<Item = &'a Stats>) -> Option<Stats> {
         let mut all = Stats::default();
@@ -144,6 +152,7 @@ impl Stats {
             all.errors += s.errors;
             all.seconds += s.seconds;
             all.cpu += s.cpu;
+            all.switches += s.switches;
             all.latencies.extend_from_slice(&s.latencies);
         }
         all.latencies.sort();
@@ -261,8 +270,8 @@ async fn main() -> anyhow::Result<()> {
 
     println!();
     println!(
-        "| clients | system | writes/s | p50 ms | p99 ms | errors | server CPU ms/write |\n\
-         |---:|---|---:|---:|---:|---:|---:|"
+        "| clients | system | writes/s | p50 ms | p99 ms | errors | server CPU ms/write | \
+         server thread switches/write |\n|---:|---|---:|---:|---:|---:|---:|---:|"
     );
     let mut results = Vec::new();
     let mut batching = Vec::new();
@@ -284,9 +293,10 @@ async fn main() -> anyhow::Result<()> {
                 clients.push(Client::Plinth(w));
             }
             let before = pc.applied_index(leader).await?;
-            let cpu = pc.cpu_time();
+            let used = pc.usage();
             let mut s = run_load(clients, args.seconds).await;
-            s.cpu = pc.cpu_time().saturating_sub(cpu);
+            let used = pc.usage().since(used);
+            (s.cpu, s.switches) = (used.cpu, used.switches);
             let entries = pc.applied_index(leader).await?.saturating_sub(before);
             print_row(n, "plinth", &s);
             batching.push((n, s.sent, entries));
@@ -298,9 +308,10 @@ async fn main() -> anyhow::Result<()> {
                     let w = etcd::Writer::connect(&endpoint, cell, c, args.value_size).await?;
                     clients.push(Client::Etcd(w));
                 }
-                let cpu = ec.cpu_time();
+                let used = ec.usage();
                 let mut s = run_load(clients, args.seconds).await;
-                s.cpu = ec.cpu_time().saturating_sub(cpu);
+                let used = ec.usage().since(used);
+                (s.cpu, s.switches) = (used.cpu, used.switches);
                 print_row(n, "etcd", &s);
                 results.push(("etcd", n, s));
             }
@@ -331,7 +342,7 @@ async fn main() -> anyhow::Result<()> {
                 println!(
                     "{n} client(s), {} round(s) pooled: plinth {:.0} vs etcd {:.0} writes/s, \
                      throughput {:.2}x, p99 {} ms vs {} ms: target {}; server CPU per write \
-                     {:.3} vs {:.3} ms",
+                     {:.3} vs {:.3} ms, thread switches per write {:.1} vs {:.1}",
                     args.rounds,
                     p.rate(),
                     e.rate(),
@@ -340,7 +351,9 @@ async fn main() -> anyhow::Result<()> {
                     ms(p99e),
                     if met { "met" } else { "NOT met" },
                     p.cpu_per_write(),
-                    e.cpu_per_write()
+                    e.cpu_per_write(),
+                    p.switches_per_write(),
+                    e.switches_per_write()
                 );
             }
         }
@@ -389,11 +402,12 @@ async fn main() -> anyhow::Result<()> {
 
 fn print_row(n: usize, system: &str, s: &Stats) {
     println!(
-        "| {n} | {system} | {:.0} | {} | {} | {} | {:.3} |",
+        "| {n} | {system} | {:.0} | {} | {} | {} | {:.3} | {:.1} |",
         s.rate(),
         ms(quantile(&s.latencies, 0.5)),
         ms(quantile(&s.latencies, 0.99)),
         s.errors,
-        s.cpu_per_write()
+        s.cpu_per_write(),
+        s.switches_per_write()
     );
 }

@@ -203,9 +203,9 @@ keys_path = "{d}/keys"
         Ok(())
     }
 
-    /// CPU time the three servers have used so far.
-    pub fn cpu_time(&self) -> Duration {
-        crate::procs::cpu_time(self.nodes.iter().filter_map(|n| n.proc.as_ref()))
+    /// CPU time and context switches the three servers have used so far.
+    pub fn usage(&self) -> crate::procs::Usage {
+        crate::procs::usage(self.nodes.iter().filter_map(|n| n.proc.as_ref()))
     }
 
     pub fn socket(&self, id: u64) -> PathBuf {

@@ -46,6 +46,29 @@ impl Proc {
         Some(Duration::from_millis(ticks * 1000 / USER_HZ))
     }
 
+    /// Voluntary context switches of the process's live threads so far: each is a thread that
+    /// blocked (waiting for work, a wake, a lock or IO), so per write they count the hand-offs
+    /// between threads that a write costs. Threads that already exited are not counted, which
+    /// misses little over a cell: runtime workers live as long as the process and blocking-pool
+    /// threads for seconds after their last task. `None` once the process is gone.
+    pub fn voluntary_switches(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+        let mut total = 0;
+        for task in tasks.flatten() {
+            // A thread that exits meanwhile is skipped.
+            let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+                continue;
+            };
+            total += status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        Some(total)
+    }
+
     /// kill -9 and reap.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -69,7 +92,30 @@ pub fn free_port(ip: &str) -> anyhow::Result<u16> {
         .port())
 }
 
-/// The CPU time all of `procs` have used so far (those already gone count nothing).
-pub fn cpu_time<'a>(procs: impl IntoIterator<Item = &'a Proc>) -> Duration {
-    procs.into_iter().filter_map(Proc::cpu_time).sum()
+/// What a set of server processes has used so far.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    pub cpu: Duration,
+    pub switches: u64,
+}
+
+impl Usage {
+    /// What was used between `earlier` and `self`.
+    pub fn since(self, earlier: Usage) -> Usage {
+        Usage {
+            cpu: self.cpu.saturating_sub(earlier.cpu),
+            switches: self.switches.saturating_sub(earlier.switches),
+        }
+    }
+}
+
+/// The CPU time and voluntary context switches all of `procs` have used so far (those
+/// already gone count nothing).
+pub fn usage<'a>(procs: impl IntoIterator<Item = &'a Proc>) -> Usage {
+    let mut u = Usage::default();
+    for p in procs {
+        u.cpu += p.cpu_time().unwrap_or_default();
+        u.switches += p.voluntary_switches().unwrap_or_default();
+    }
+    u
 }
