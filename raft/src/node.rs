@@ -12,7 +12,7 @@ use openraft::{BasicNode, ChangeMembers, SnapshotPolicy};
 use plinth_storage::{ChangeEvent, Command, Response, Store};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpSocket;
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::{broadcast, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
@@ -277,6 +277,8 @@ pub(crate) struct Inner {
     store: Store,
     config: RaftConfig,
     changes: broadcast::Sender<ChangeEvent>,
+    /// See [`RaftNode::trust_changes`].
+    trust: watch::Sender<u64>,
     flusher: Arc<crate::log_store::Flusher>,
     proposer: Proposer,
     /// When this node last heard from its leader (see [`crate::election`]).
@@ -494,7 +496,9 @@ impl RaftNode {
         let raft_config = Arc::new(config.openraft()?);
         let store = Store::open(&config.data_dir)?;
         let (changes, _) = broadcast::channel(CHANGE_CHANNEL_CAPACITY);
-        let mut sm = StateMachine::open(store.clone(), changes.clone())?;
+        let (trust, _) = watch::channel(0);
+        let mut sm =
+            StateMachine::open(store.clone(), changes.clone())?.with_trust_watch(trust.clone());
         let mut log_store = LogStore::new(store.clone());
         let leader_sync = config
             .parallel_leader_sync
@@ -559,6 +563,7 @@ impl RaftNode {
             store,
             config,
             changes,
+            trust,
             flusher,
             proposer,
             contact,
@@ -642,6 +647,13 @@ impl RaftNode {
     /// a `Change::Reset` (snapshot installed) also means reload.
     pub fn subscribe(&self) -> broadcast::Receiver<ChangeEvent> {
         self.inner.changes.subscribe()
+    }
+
+    /// The revision of the last applied change that `Change::affects_trust` (bundles, CA
+    /// authorities, a snapshot installed); 0 until there is one. Changes when such a change is
+    /// applied, and no other: for watchers that only care about those.
+    pub fn trust_changes(&self) -> watch::Receiver<u64> {
+        self.inner.trust.subscribe()
     }
 
     /// Makes this node the first member of a new cluster.

@@ -29,7 +29,7 @@ use openraft::{AnyError, EntryPayload, OptionalSend, RaftSnapshotBuilder, Storag
 use plinth_storage::codec::{b64, decode, encode};
 use plinth_storage::{Change, ChangeEvent, Response, Store};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, Mutex};
+use tokio::sync::{broadcast, watch, Mutex};
 
 use crate::types::{
     Entry, LogId, NodeId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
@@ -90,6 +90,9 @@ pub struct StateMachine {
     leader_sync: Option<Arc<crate::leader_sync::LeaderSync>>,
     applied: AppliedState,
     changes: broadcast::Sender<ChangeEvent>,
+    /// The revision of the last change that [`Change::affects_trust`], if watched
+    /// ([`StateMachine::with_trust_watch`]).
+    trust: Option<watch::Sender<u64>>,
     snapshots: Arc<SnapshotShared>,
 }
 
@@ -112,8 +115,17 @@ impl StateMachine {
             leader_sync: None,
             applied,
             changes,
+            trust: None,
             snapshots: Arc::default(),
         })
+    }
+
+    /// Also publishes the revision of each change that [`Change::affects_trust`] on `trust`:
+    /// a watcher of those few changes is not woken by every applied write, as a subscriber
+    /// of all changes is.
+    pub fn with_trust_watch(mut self, trust: watch::Sender<u64>) -> Self {
+        self.trust = Some(trust);
+        self
     }
 
     /// Applies an entry only once no early-reported append of the leader's holds it unsynced.
@@ -123,6 +135,11 @@ impl StateMachine {
     }
 
     fn publish(&self, events: Vec<ChangeEvent>) {
+        if let Some(trust) = &self.trust {
+            if let Some(last) = events.iter().rev().find(|e| e.change.affects_trust()) {
+                trust.send_replace(last.revision);
+            }
+        }
         for e in events {
             // No subscribers is fine.
             let _ = self.changes.send(e);

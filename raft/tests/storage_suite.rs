@@ -114,3 +114,72 @@ mod snapshot_point {
         assert_eq!(again.meta.snapshot_id, sent.meta.snapshot_id);
     }
 }
+
+mod trust_watch {
+    use openraft::storage::RaftStateMachine;
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+    use plinth_spiffe::{KeyType, PrivateKey, Selectors, Signer, SpiffeId, TrustDomain};
+    use plinth_storage::{Command, Proposal, RegistrationEntry, StoredJwtAuthority};
+
+    use super::*;
+
+    fn entry(index: u64, command: Command) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Proposal {
+                now: 1_700_000_000,
+                command,
+            }),
+        }
+    }
+
+    fn create(index: u64) -> Command {
+        Command::EntryCreate {
+            entry: RegistrationEntry::new(
+                format!("entry-{index}"),
+                SpiffeId::new(&format!("spiffe://example.org/w/{index}")).unwrap(),
+                SpiffeId::new("spiffe://example.org/agent").unwrap(),
+                Selectors::parse_all(&[format!("unix:uid:{index}")]).unwrap(),
+            ),
+        }
+    }
+
+    #[tokio::test]
+    async fn t30_the_trust_watch_moves_on_bundle_changes_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (tx, mut all) = tokio::sync::broadcast::channel(16);
+        let (trust_tx, mut trust) = tokio::sync::watch::channel(0);
+        let mut sm = StateMachine::open(store, tx)
+            .unwrap()
+            .with_trust_watch(trust_tx);
+
+        sm.apply([entry(1, create(1)), entry(2, create(2))])
+            .await
+            .unwrap();
+        assert_eq!(
+            all.try_recv().unwrap().revision,
+            1,
+            "every change is published"
+        );
+        assert!(
+            !trust.has_changed().unwrap(),
+            "entries leave the watch alone"
+        );
+
+        let key = PrivateKey::generate(KeyType::EcP256).unwrap();
+        let append = Command::BundleAppend {
+            trust_domain: TrustDomain::new("example.org").unwrap(),
+            x509_authorities: vec![],
+            jwt_authorities: vec![StoredJwtAuthority {
+                key_id: "k1".into(),
+                public_key_spki: key.public_key_spki().to_vec(),
+            }],
+        };
+        sm.apply([entry(3, append), entry(4, create(4))])
+            .await
+            .unwrap();
+        assert!(trust.has_changed().unwrap(), "a bundle change moves it");
+        assert_eq!(*trust.borrow_and_update(), 3, "to that change's revision");
+    }
+}

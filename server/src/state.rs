@@ -5,7 +5,7 @@
 use std::future::Future;
 
 use plinth_storage::{ChangeEvent, Command, CommandError, Response, Store};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 /// Why a proposal or a read barrier failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -39,6 +39,10 @@ pub trait Replicated: Send + Sync + 'static {
     fn store(&self) -> &Store;
     /// Applied changes, in order.
     fn subscribe(&self) -> broadcast::Receiver<ChangeEvent>;
+    /// The revision of the last applied change that `Change::affects_trust` (bundles, CA
+    /// authorities, a snapshot installed): it changes on those only, so its watchers are not
+    /// woken by every other write, as subscribers of all changes are.
+    fn trust_changes(&self) -> watch::Receiver<u64>;
     /// Leader, term and members as this node sees them.
     fn cluster_status(&self) -> impl Future<Output = ClusterView> + Send;
     /// Adds a server (as a learner, then a voter unless `learner_only`).
@@ -85,6 +89,7 @@ pub struct LocalState {
     clock: std::sync::Arc<dyn crate::clock::Clock>,
     next_index: std::sync::Mutex<u64>,
     changes: broadcast::Sender<ChangeEvent>,
+    trust: watch::Sender<u64>,
 }
 
 impl LocalState {
@@ -97,6 +102,7 @@ impl LocalState {
             clock,
             next_index: std::sync::Mutex::new(1),
             changes,
+            trust: watch::channel(0).0,
         }
     }
 }
@@ -118,6 +124,9 @@ impl Replicated for LocalState {
             .map_err(|e| StateError::Fatal(e.to_string()))?;
         *idx += 1;
         for c in applied.changes {
+            if c.change.affects_trust() {
+                self.trust.send_replace(c.revision);
+            }
             let _ = self.changes.send(c);
         }
         match applied.response.result {
@@ -136,6 +145,10 @@ impl Replicated for LocalState {
 
     fn subscribe(&self) -> broadcast::Receiver<ChangeEvent> {
         self.changes.subscribe()
+    }
+
+    fn trust_changes(&self) -> watch::Receiver<u64> {
+        self.trust.subscribe()
     }
 
     async fn cluster_status(&self) -> ClusterView {
@@ -220,6 +233,10 @@ impl Replicated for RaftState {
 
     fn subscribe(&self) -> broadcast::Receiver<ChangeEvent> {
         self.node.subscribe()
+    }
+
+    fn trust_changes(&self) -> watch::Receiver<u64> {
+        self.node.trust_changes()
     }
 
     async fn cluster_status(&self) -> ClusterView {

@@ -344,6 +344,20 @@ pub enum Change {
     Reset,
 }
 
+impl Change {
+    /// Whether it may change what a server trusts or presents: a bundle (its own or a
+    /// federated one), a CA authority, or the whole state.
+    pub fn affects_trust(&self) -> bool {
+        matches!(
+            self,
+            Change::BundlePut { .. }
+                | Change::BundleDeleted { .. }
+                | Change::AuthorityPut { .. }
+                | Change::Reset
+        )
+    }
+}
+
 /// A change with the revision it produced and the log index that carried it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChangeEvent {
