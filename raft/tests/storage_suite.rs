@@ -35,7 +35,7 @@ mod snapshot_point {
 
     use super::*;
 
-    fn create(index: u64) -> Entry<TypeConfig> {
+    pub(super) fn create(index: u64) -> Entry<TypeConfig> {
         let entry = RegistrationEntry::new(
             format!("entry-{index}"),
             SpiffeId::new(&format!("spiffe://example.org/w/{index}")).unwrap(),
@@ -118,9 +118,10 @@ mod snapshot_point {
 mod trust_watch {
     use openraft::storage::RaftStateMachine;
     use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
-    use plinth_spiffe::{KeyType, PrivateKey, Selectors, Signer, SpiffeId, TrustDomain};
-    use plinth_storage::{Command, Proposal, RegistrationEntry, StoredJwtAuthority};
+    use plinth_spiffe::{KeyType, PrivateKey, Signer, TrustDomain};
+    use plinth_storage::{Command, Proposal, StoredJwtAuthority};
 
+    use super::snapshot_point::create;
     use super::*;
 
     fn entry(index: u64, command: Command) -> Entry<TypeConfig> {
@@ -130,17 +131,6 @@ mod trust_watch {
                 now: 1_700_000_000,
                 command,
             }),
-        }
-    }
-
-    fn create(index: u64) -> Command {
-        Command::EntryCreate {
-            entry: RegistrationEntry::new(
-                format!("entry-{index}"),
-                SpiffeId::new(&format!("spiffe://example.org/w/{index}")).unwrap(),
-                SpiffeId::new("spiffe://example.org/agent").unwrap(),
-                Selectors::parse_all(&[format!("unix:uid:{index}")]).unwrap(),
-            ),
         }
     }
 
@@ -154,9 +144,7 @@ mod trust_watch {
             .unwrap()
             .with_trust_watch(trust_tx);
 
-        sm.apply([entry(1, create(1)), entry(2, create(2))])
-            .await
-            .unwrap();
+        sm.apply([create(1), create(2)]).await.unwrap();
         assert_eq!(
             all.try_recv().unwrap().revision,
             1,
@@ -176,9 +164,7 @@ mod trust_watch {
                 public_key_spki: key.public_key_spki().to_vec(),
             }],
         };
-        sm.apply([entry(3, append), entry(4, create(4))])
-            .await
-            .unwrap();
+        sm.apply([entry(3, append), create(4)]).await.unwrap();
         assert!(trust.has_changed().unwrap(), "a bundle change moves it");
         assert_eq!(*trust.borrow_and_update(), 3, "to that change's revision");
     }
