@@ -614,9 +614,27 @@ data_dir = "/tmp/x"
 [node_attestor.join_token]
 "#;
 
+    /// `MIN` with a `[cluster]` section of `lines`.
+    fn with_cluster(lines: &str) -> String {
+        format!("{MIN}\n[cluster]\n{lines}\n")
+    }
+
+    /// `text` parsed; a refusal fails the test.
+    fn parsed(text: &str) -> Config {
+        Config::parse(text, false).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Why `text` is refused; accepting it fails the test.
+    fn refused(text: &str) -> String {
+        Config::parse(text, false)
+            .err()
+            .unwrap_or_else(|| panic!("accepted: {text}"))
+            .to_string()
+    }
+
     #[test]
     fn minimal_config_gets_spire_defaults() {
-        let c = Config::parse(MIN, false).unwrap_or_else(|e| panic!("{e}"));
+        let c = parsed(MIN);
         assert_eq!(c.bind.port(), 8081);
         assert_eq!(c.ca_ttl, Duration::from_secs(86400));
         assert_eq!(c.x509_svid_ttl, Duration::from_secs(3600));
@@ -630,39 +648,30 @@ data_dir = "/tmp/x"
 
     #[test]
     fn snapshot_settings_default_to_raft_and_are_checked() {
-        let c = Config::parse(MIN, false).unwrap_or_else(|e| panic!("{e}"));
+        let c = parsed(MIN);
         assert_eq!(c.file.cluster.snapshot_after_logs, 5000);
         assert_eq!(c.file.cluster.logs_kept_after_snapshot, 1000);
-        let with = |cluster: &str| format!("{MIN}\n[cluster]\n{cluster}\n");
-        let c = Config::parse(
-            &with("snapshot_after_logs = 1000\nlogs_kept_after_snapshot = 50"),
-            false,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        let c = parsed(&with_cluster(
+            "snapshot_after_logs = 1000\nlogs_kept_after_snapshot = 50",
+        ));
         assert_eq!(c.file.cluster.snapshot_after_logs, 1000);
         assert_eq!(c.file.cluster.logs_kept_after_snapshot, 50);
-        let e = Config::parse(&with("snapshot_after_logs = 0"), false)
-            .unwrap_err()
-            .to_string();
+        let e = refused(&with_cluster("snapshot_after_logs = 0"));
         assert!(e.contains("cluster.snapshot_after_logs"), "{e}");
     }
 
     /// The `[cluster]` switch `key` is `default` with no `[cluster]` section and when the
     /// section lacks it, else what it is set to; a non-boolean is refused.
     fn cluster_switch(key: &str, default: bool, get: fn(&Config) -> bool) {
-        let with = |cluster: &str| format!("{MIN}\n[cluster]\n{cluster}\n");
         for (text, want) in [
             (MIN.to_owned(), default),
-            (with("node_id = 1"), default),
-            (with(&format!("{key} = false")), false),
-            (with(&format!("{key} = true")), true),
+            (with_cluster("node_id = 1"), default),
+            (with_cluster(&format!("{key} = false")), false),
+            (with_cluster(&format!("{key} = true")), true),
         ] {
-            let c = Config::parse(&text, false).unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(get(&c), want, "{text}");
+            assert_eq!(get(&parsed(&text)), want, "{text}");
         }
-        let e = Config::parse(&with(&format!("{key} = 1")), false)
-            .unwrap_err()
-            .to_string();
+        let e = refused(&with_cluster(&format!("{key} = 1")));
         assert!(e.contains("expected a boolean"), "{e}");
     }
 
@@ -682,42 +691,26 @@ data_dir = "/tmp/x"
 
     #[test]
     fn commit_notice_delay_defaults_to_1ms_and_stays_within_the_heartbeat() {
-        let with = |cluster: &str| format!("{MIN}\n[cluster]\n{cluster}\n");
-        let c = Config::parse(MIN, false).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(c.file.cluster.commit_notice_delay_us, 1000);
-        let c = Config::parse(&with("commit_notice_delay_us = 0"), false)
-            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(parsed(MIN).file.cluster.commit_notice_delay_us, 1000);
+        let c = parsed(&with_cluster("commit_notice_delay_us = 0"));
         assert_eq!(c.file.cluster.commit_notice_delay_us, 0);
-        let c = Config::parse(
-            &with("heartbeat_interval_ms = 50\ncommit_notice_delay_us = 50000"),
-            false,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        let c = parsed(&with_cluster(
+            "heartbeat_interval_ms = 50\ncommit_notice_delay_us = 50000",
+        ));
         assert_eq!(c.file.cluster.commit_notice_delay_us, 50_000);
-        let e = Config::parse(
-            &with("heartbeat_interval_ms = 50\ncommit_notice_delay_us = 50001"),
-            false,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = refused(&with_cluster(
+            "heartbeat_interval_ms = 50\ncommit_notice_delay_us = 50001",
+        ));
         assert!(e.contains("cluster.commit_notice_delay_us"), "{e}");
         assert!(e.contains("heartbeat_interval_ms"), "{e}");
     }
 
     #[test]
     fn raft_timings_out_of_order_are_refused_by_key() {
-        let with = |cluster: &str| format!("{MIN}\n[cluster]\n{cluster}\n");
-        let refused = |cluster: &str| {
-            Config::parse(&with(cluster), false)
-                .map(|_| ())
-                .expect_err(cluster)
-                .to_string()
-        };
-        let c = Config::parse(
-            &with("heartbeat_interval_ms = 99\nelection_timeout_min_ms = 100\nelection_timeout_max_ms = 101"),
-            false,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        let refused = |cluster: &str| refused(&with_cluster(cluster));
+        let c = parsed(&with_cluster(
+            "heartbeat_interval_ms = 99\nelection_timeout_min_ms = 100\nelection_timeout_max_ms = 101",
+        ));
         assert_eq!(c.file.cluster.heartbeat_interval_ms, 99);
         let e = refused("heartbeat_interval_ms = 0");
         assert!(e.contains("cluster.heartbeat_interval_ms"), "{e}");
@@ -732,10 +725,10 @@ data_dir = "/tmp/x"
     #[test]
     fn unknown_keys_are_named() {
         let text = MIN.replace("data_dir", "data_dirr");
-        let e = Config::parse(&text, false).unwrap_err().to_string();
+        let e = refused(&text);
         assert!(e.contains("data_dirr"), "{e}");
         let text = format!("{MIN}\n[bogus]\nx = 1\n");
-        let e = Config::parse(&text, false).unwrap_err().to_string();
+        let e = refused(&text);
         assert!(e.contains("bogus"), "{e}");
     }
 
@@ -767,33 +760,23 @@ data_dir = "/tmp/x"
         ];
         for (from, to, want) in cases {
             let text = MIN.replacen(from, to, 1);
-            let e = Config::parse(&text, false).unwrap_err().to_string();
+            let e = refused(&text);
             assert!(e.contains(want), "{to:?}: {e}");
         }
     }
 
     #[test]
     fn peer_kit_keys_are_checked() {
-        let with = |cluster: &str| format!("{MIN}\n[cluster]\n{cluster}\n");
-        let e = Config::parse(&with("bootstrap_svid_path = \"/k/svid.pem\""), false)
-            .unwrap_err()
-            .to_string();
+        let e = refused(&with_cluster("bootstrap_svid_path = \"/k/svid.pem\""));
         assert!(e.contains("bootstrap_key_path"), "{e}");
-        let e = Config::parse(
-            &with("insecure_plaintext = true\ntrust_bundle_path = \"/k/bundle.pem\""),
-            false,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = refused(&with_cluster(
+            "insecure_plaintext = true\ntrust_bundle_path = \"/k/bundle.pem\"",
+        ));
         assert!(e.contains("cluster.insecure_plaintext"), "{e}");
-        let c = Config::parse(
-            &with(
-                "bootstrap = false\nbootstrap_svid_path = \"/k/svid.pem\"\n\
-                 bootstrap_key_path = \"/k/key.pem\"\ntrust_bundle_path = \"/k/bundle.pem\"",
-            ),
-            false,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        let c = parsed(&with_cluster(
+            "bootstrap = false\nbootstrap_svid_path = \"/k/svid.pem\"\n\
+             bootstrap_key_path = \"/k/key.pem\"\ntrust_bundle_path = \"/k/bundle.pem\"",
+        ));
         assert_eq!(
             c.file.cluster.bootstrap_key_path,
             Some(PathBuf::from("/k/key.pem"))
