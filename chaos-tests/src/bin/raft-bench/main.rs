@@ -173,6 +173,19 @@ fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1000.0)
 }
 
+/// [`run_load`], with what the servers used meanwhile (`usage` reads their total so far).
+async fn run_load_used(
+    clients: Vec<Client>,
+    seconds: u64,
+    usage: impl Fn() -> procs::Usage,
+) -> Stats {
+    let before = usage();
+    let mut s = run_load(clients, seconds).await;
+    let used = usage().since(before);
+    (s.cpu, s.switches) = (used.cpu, used.switches);
+    s
+}
+
 /// Runs every client in a loop for `warm + measured`; counts the writes that started after the
 /// warm-up and were acknowledged.
 async fn run_load(clients: Vec<Client>, seconds: u64) -> Stats {
@@ -293,10 +306,7 @@ async fn main() -> anyhow::Result<()> {
                 clients.push(Client::Plinth(w));
             }
             let before = pc.applied_index(leader).await?;
-            let used = pc.usage();
-            let mut s = run_load(clients, args.seconds).await;
-            let used = pc.usage().since(used);
-            (s.cpu, s.switches) = (used.cpu, used.switches);
+            let s = run_load_used(clients, args.seconds, || pc.usage()).await;
             let entries = pc.applied_index(leader).await?.saturating_sub(before);
             print_row(n, "plinth", &s);
             batching.push((n, s.sent, entries));
@@ -308,10 +318,7 @@ async fn main() -> anyhow::Result<()> {
                     let w = etcd::Writer::connect(&endpoint, cell, c, args.value_size).await?;
                     clients.push(Client::Etcd(w));
                 }
-                let used = ec.usage();
-                let mut s = run_load(clients, args.seconds).await;
-                let used = ec.usage().since(used);
-                (s.cpu, s.switches) = (used.cpu, used.switches);
+                let s = run_load_used(clients, args.seconds, || ec.usage()).await;
                 print_row(n, "etcd", &s);
                 results.push(("etcd", n, s));
             }
