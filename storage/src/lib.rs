@@ -16,6 +16,7 @@ pub mod command;
 mod error;
 pub mod model;
 pub mod store;
+pub mod wal_presize;
 
 pub use apply::Applied;
 pub use command::{Change, ChangeEvent, Command, CommandError, Outcome, Proposal, Response};

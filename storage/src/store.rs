@@ -18,6 +18,7 @@ use crate::codec::{decode, encode};
 use crate::model::{
     AttestedAgent, CaAuthority, FederationRelationship, JoinToken, RegistrationEntry, StoredBundle,
 };
+use crate::wal_presize::Presizer;
 use crate::StorageError;
 
 /// Raft log entries, keyed by big-endian index. Values are opaque to this crate.
@@ -170,7 +171,8 @@ fn table_options() -> Options {
 }
 
 impl Store {
-    /// Opens (or creates) the database in `path`, creating the directory 0700.
+    /// Opens (or creates) the database in `path`, creating the directory 0700, and starts the
+    /// thread that keeps its newest write-ahead log file presized ([`crate::wal_presize`]).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StorageError> {
         let path = path.as_ref().to_owned();
         create_private_dir(&path)?;
@@ -185,11 +187,9 @@ impl Store {
             .into_iter()
             .chain(STATE_CFS)
             .map(|name| ColumnFamilyDescriptor::new(name, table_options()));
-        let db = DB::open_cf_descriptors(&opts, &path, cfs)?;
-        Ok(Self {
-            db: Arc::new(db),
-            path,
-        })
+        let db = Arc::new(DB::open_cf_descriptors(&opts, &path, cfs)?);
+        Presizer::start(path.clone(), Arc::downgrade(&db));
+        Ok(Self { db, path })
     }
 
     /// The data directory.
