@@ -2,18 +2,18 @@
 //!
 //! Applying a log entry is one atomic RocksDB batch (the command's changes, the global revision
 //! and the applied log ID with membership; a command batch is applied one command per RocksDB
-//! batch, see `plinth_storage::Store::apply`), written to the write-ahead log without an fsync
-//! of its own: the entries it applies are already durable in the Raft log on a quorum, so a
-//! crash can only lose a suffix of applied batches (the WAL keeps write order, and each batch
-//! carries its applied log ID), and the restarted node applies those entries again,
-//! deterministically, to the same revisions. The next log sync makes applied batches durable
-//! too, and so does the write-ahead-log sync that follows saving a snapshot, so nothing is
-//! purged from the log before the state it produced is on disk. Reads never see the gap:
-//! linearizable reads wait for the applied index.
+//! batch, see `plinth_storage::Store::apply`), written to RocksDB's memtables only, not to its
+//! write-ahead log: the entries it applies are already durable in the Raft log on a quorum, so
+//! a crash can only lose the batches applied since the last memtable flush (flushes are atomic
+//! across column families, and each batch carries its applied log ID), and the restarted node
+//! applies those entries again, deterministically, to the same revisions. Recording a snapshot
+//! point persists the state first (`Store::persist_state`), so nothing is purged from the log
+//! before the state it produced is on disk. Reads never see the gap: linearizable reads wait
+//! for the applied index.
 //!
 //! The database is the snapshot. Building one (openraft asks every `snapshot_after_logs`
 //! entries, to purge the log) only records a snapshot point: the applied log ID and membership,
-//! made durable with the write-ahead log, in a small file beside the database
+//! with the state persisted, in a small file beside the database
 //! (`Store::snapshot_put`); it no longer copies the state, which cost every server O(state)
 //! each time (docs/benchmarks.md). Only when a snapshot is sent to a follower (or openraft
 //! reads it at startup) is the state exported, from one RocksDB snapshot, so it is consistent
@@ -224,12 +224,12 @@ fn snapshot_meta(applied: AppliedState, n: u64) -> SnapshotMeta {
     }
 }
 
-/// Records a snapshot point: the state applied now, made durable (the write-ahead log synced),
-/// so that openraft may purge the log up to it. The state itself is not copied: the database
+/// Records a snapshot point: the state applied now, made durable (`Store::persist_state`), so
+/// that openraft may purge the log up to it. The state itself is not copied: the database
 /// is the snapshot, exported only when one is sent ([`StateMachine::get_current_snapshot`]).
 fn record_snapshot_point(store: &Store, n: u64) -> Result<SnapshotMeta, StorageError> {
     let applied = AppliedState::decode(store.applied_state().map_err(sm_read)?).map_err(sm_read)?;
-    store.sync().map_err(sm_write)?;
+    store.persist_state().map_err(sm_write)?;
     Ok(snapshot_meta(applied, n))
 }
 

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use plinth_spiffe::{Selector, SpiffeId, TrustDomain};
 use rocksdb::{
-    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options,
-    WriteBatch, WriteOptions, DB,
+    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, Direction, FlushOptions, IteratorMode,
+    Options, WriteBatch, WriteOptions, DB,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -42,6 +42,23 @@ pub const CF_CA_JOURNAL: &str = "ca_journal";
 /// The column families that make up the replicated state (and so a snapshot), in a fixed order:
 /// a snapshot names a table by its position here, so only append to this list.
 pub const STATE_CFS: [&str; 10] = [
+    CF_SM_META,
+    CF_ENTRIES,
+    CF_ENTRIES_BY_PARENT,
+    CF_ENTRIES_BY_SPIFFE_ID,
+    CF_ENTRIES_BY_SELECTOR,
+    CF_AGENTS,
+    CF_JOIN_TOKENS,
+    CF_BUNDLES,
+    CF_FEDERATION,
+    CF_CA_JOURNAL,
+];
+
+/// Every column family, in the order they are opened.
+const ALL_CFS: [&str; 13] = [
+    CF_RAFT_LOG,
+    CF_RAFT_META,
+    CF_SNAPSHOT,
     CF_SM_META,
     CF_ENTRIES,
     CF_ENTRIES_BY_PARENT,
@@ -183,9 +200,12 @@ impl Store {
         // leave a burst of dirty pages that the Raft log's fsync would wait behind (on ext4 a
         // file's fdatasync can wait for other files' data in the same journal commit).
         opts.set_bytes_per_sync(1024 * 1024);
-        let cfs = [CF_RAFT_LOG, CF_RAFT_META, CF_SNAPSHOT]
+        // The state machine's writes skip the write-ahead log (`Store::write_batch`); every
+        // memtable flush then writes all column families at one point, so the state on disk is
+        // always that of one applied log index.
+        opts.set_atomic_flush(true);
+        let cfs = ALL_CFS
             .into_iter()
-            .chain(STATE_CFS)
             .map(|name| ColumnFamilyDescriptor::new(name, table_options()));
         let db = Arc::new(DB::open_cf_descriptors(&opts, &path, cfs)?);
         Presizer::start(path.clone(), Arc::downgrade(&db));
@@ -473,9 +493,9 @@ impl Store {
     }
 
     /// Replaces the current snapshot: written to a temporary file (0600: the state holds join
-    /// tokens), synced, renamed over the old one, the directory synced. Then the write-ahead log
-    /// is synced too, so the applied state the snapshot was taken from is durable before Raft
-    /// purges the log it came from.
+    /// tokens), synced, renamed over the old one, the directory synced. Then the applied state
+    /// is persisted ([`Store::persist_state`]), so that the state the snapshot was taken from is
+    /// durable before Raft purges the log it came from.
     pub fn snapshot_put(&self, meta: &[u8], data: &[u8]) -> Result<(), StorageError> {
         use std::io::Write;
         let path = self.snapshot_path();
@@ -506,7 +526,7 @@ impl Store {
                 .and_then(|d| d.sync_all())
                 .map_err(err(dir))?;
         }
-        self.sync()?;
+        self.persist_state()?;
         // A snapshot an earlier build saved inside the database is superseded by the file and
         // would only waste space (it is read only while no file exists).
         self.db.delete_cf(self.cf(CF_SNAPSHOT)?, SNAPSHOT_CURRENT)?;
@@ -519,9 +539,33 @@ impl Store {
         Ok(self.db.get_cf(self.cf(CF_SNAPSHOT)?, SNAPSHOT_CURRENT)?)
     }
 
-    /// Syncs the write-ahead log: everything written before is durable afterwards.
+    /// Syncs the write-ahead log: every Raft log and metadata write made before is durable
+    /// afterwards. State-machine writes are not in the write-ahead log: see
+    /// [`Store::persist_state`].
     pub fn sync(&self) -> Result<(), StorageError> {
         self.db.flush_wal(true)?;
+        Ok(())
+    }
+
+    /// Makes the state machine durable as applied so far: one atomic flush of every column
+    /// family's memtable to table files, waited for.
+    ///
+    /// Applied commands ([`Store::apply`]) are written to the memtables only, not to the
+    /// write-ahead log: the Raft log already holds every command durably, so the log record of
+    /// the state change would be a second copy of the same fact in every log sync (about two
+    /// thirds of the bytes synced per write, docs/benchmarks.md). After a crash the state is
+    /// that of the last flush, a consistent applied index (flushes are atomic across column
+    /// families), and Raft applies the entries after it again from its log. So the log must
+    /// keep them: before Raft purges the log up to a snapshot point, the state at that point is
+    /// persisted with this call. A clean close flushes too.
+    pub fn persist_state(&self) -> Result<(), StorageError> {
+        let cfs = ALL_CFS
+            .into_iter()
+            .map(|name| self.cf(name))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut opts = FlushOptions::default();
+        opts.set_wait(true);
+        self.db.flush_cfs_opt(&cfs, &opts)?;
         Ok(())
     }
 
@@ -665,9 +709,11 @@ impl Store {
 
     // ---- Writes (used by apply) ------------------------------------------------------------
 
+    /// Writes a state-machine change to the memtables only ([`Store::persist_state`]).
     pub(crate) fn write_batch(&self, batch: WriteBatch) -> Result<(), StorageError> {
-        // Not synced per entry: apply callers sync once per batch of entries with `sync()`.
-        self.db.write(batch)?;
+        let mut opts = WriteOptions::default();
+        opts.disable_wal(true);
+        self.db.write_opt(batch, &opts)?;
         Ok(())
     }
 
