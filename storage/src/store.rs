@@ -547,8 +547,9 @@ impl Store {
         Ok(())
     }
 
-    /// Makes the state machine durable as applied so far: one atomic flush of every column
-    /// family's memtable to table files, waited for.
+    /// Makes the state machine durable as applied so far: one atomic flush of the state's
+    /// column families' memtables to table files, waited for. (The Raft log and metadata are
+    /// in the write-ahead log and need no flush.)
     ///
     /// Applied commands ([`Store::apply`]) are written to the memtables only, not to the
     /// write-ahead log: the Raft log already holds every command durably, so the log record of
@@ -559,7 +560,7 @@ impl Store {
     /// keep them: before Raft purges the log up to a snapshot point, the state at that point is
     /// persisted with this call. A clean close flushes too.
     pub fn persist_state(&self) -> Result<(), StorageError> {
-        let cfs = ALL_CFS
+        let cfs = STATE_CFS
             .into_iter()
             .map(|name| self.cf(name))
             .collect::<Result<Vec<_>, _>>()?;
