@@ -493,9 +493,9 @@ impl Store {
     }
 
     /// Replaces the current snapshot: written to a temporary file (0600: the state holds join
-    /// tokens), synced, renamed over the old one, the directory synced. Then the applied state
-    /// is persisted ([`Store::persist_state`]), so that the state the snapshot was taken from is
-    /// durable before Raft purges the log it came from.
+    /// tokens), synced, renamed over the old one, the directory synced. The caller first makes
+    /// the state the snapshot names durable ([`Store::persist_state`], or the synced
+    /// [`Store::import_state`]), so that it is on disk before Raft purges the log it came from.
     pub fn snapshot_put(&self, meta: &[u8], data: &[u8]) -> Result<(), StorageError> {
         use std::io::Write;
         let path = self.snapshot_path();
@@ -526,7 +526,6 @@ impl Store {
                 .and_then(|d| d.sync_all())
                 .map_err(err(dir))?;
         }
-        self.persist_state()?;
         // A snapshot an earlier build saved inside the database is superseded by the file and
         // would only waste space (it is read only while no file exists).
         self.db.delete_cf(self.cf(CF_SNAPSHOT)?, SNAPSHOT_CURRENT)?;
