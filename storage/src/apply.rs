@@ -1106,17 +1106,6 @@ mod tests {
         assert_eq!(store.applied_state().unwrap(), Some(b"1".to_vec()));
     }
 
-    /// What a power cut leaves: a copy of the files taken while the store is open.
-    fn crash_copy(store: &Store) -> (tempfile::TempDir, Store) {
-        let copy = tempfile::tempdir().unwrap();
-        for item in std::fs::read_dir(store.path()).unwrap() {
-            let item = item.unwrap();
-            std::fs::copy(item.path(), copy.path().join(item.file_name())).unwrap();
-        }
-        let reopened = Store::open(copy.path()).unwrap();
-        (copy, reopened)
-    }
-
     /// Applied state is not in the write-ahead log: a crash goes back to the last persisted
     /// state, whole (every table and the applied index of one point), and the Raft log,
     /// synced, keeps every entry to apply again. A clean close keeps everything.
@@ -1147,7 +1136,8 @@ mod tests {
         let latest = state(&store);
         assert_ne!(latest, persisted);
 
-        let (_copy, crashed) = crash_copy(&store);
+        let copy = store.copy_files_while_open();
+        let crashed = Store::open(copy.path()).unwrap();
         assert_eq!(crashed.applied_state().unwrap(), Some(b"3".to_vec()));
         assert_eq!(state(&crashed), persisted);
         let log: Vec<_> = crashed.log_range(0, None).unwrap();

@@ -54,23 +54,6 @@ pub const STATE_CFS: [&str; 10] = [
     CF_CA_JOURNAL,
 ];
 
-/// Every column family, in the order they are opened.
-const ALL_CFS: [&str; 13] = [
-    CF_RAFT_LOG,
-    CF_RAFT_META,
-    CF_SNAPSHOT,
-    CF_SM_META,
-    CF_ENTRIES,
-    CF_ENTRIES_BY_PARENT,
-    CF_ENTRIES_BY_SPIFFE_ID,
-    CF_ENTRIES_BY_SELECTOR,
-    CF_AGENTS,
-    CF_JOIN_TOKENS,
-    CF_BUNDLES,
-    CF_FEDERATION,
-    CF_CA_JOURNAL,
-];
-
 const SM_REVISION: &[u8] = b"revision";
 const SM_APPLIED: &[u8] = b"applied";
 /// How far a partly applied command batch got (see `Store::apply`).
@@ -204,8 +187,9 @@ impl Store {
         // memtable flush then writes all column families at one point, so the state on disk is
         // always that of one applied log index.
         opts.set_atomic_flush(true);
-        let cfs = ALL_CFS
+        let cfs = [CF_RAFT_LOG, CF_RAFT_META, CF_SNAPSHOT]
             .into_iter()
+            .chain(STATE_CFS)
             .map(|name| ColumnFamilyDescriptor::new(name, table_options()));
         let db = Arc::new(DB::open_cf_descriptors(&opts, &path, cfs)?);
         Presizer::start(path.clone(), Arc::downgrade(&db));
@@ -862,6 +846,21 @@ fn parse_snapshot(data: &[u8]) -> Result<Vec<Record<'_>>, StorageError> {
         out.push((usize::from(table_index), k, v));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap
+impl Store {
+    /// What a power cut leaves: a copy of the store's files, taken while it is open, in a new
+    /// temporary directory.
+    pub(crate) fn copy_files_while_open(&self) -> tempfile::TempDir {
+        let copy = tempfile::tempdir().unwrap();
+        for item in std::fs::read_dir(&self.path).unwrap() {
+            let item = item.unwrap();
+            std::fs::copy(item.path(), copy.path().join(item.file_name())).unwrap();
+        }
+        copy
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@
 //! is not opened `O_APPEND`), so the extra length is only allocated space; a clean close
 //! truncates the file back to what RocksDB wrote. After a crash the tail reads as zeros, which
 //! RocksDB's log reader skips as padding (the zero record type it reserves for preallocated
-//! files), so recovery replays exactly the records written. Test: `store::tests` crash copy.
+//! files), so recovery replays exactly the records written (tested on a copy of an open store).
 //!
 //! The rule is stateless, so two presizers on one directory (a store being reopened) agree. A
 //! failed allocation (no space, a filesystem without `fallocate`) changes nothing and is
@@ -183,11 +183,7 @@ mod tests {
             "appends inside the allocation keep the size"
         );
 
-        let copy = tempfile::tempdir().unwrap();
-        for item in std::fs::read_dir(live.path()).unwrap() {
-            let item = item.unwrap();
-            std::fs::copy(item.path(), copy.path().join(item.file_name())).unwrap();
-        }
+        let copy = store.copy_files_while_open();
         assert_eq!(len(&copy.path().join(wal.file_name().unwrap())), STEP);
 
         let recovered = Store::open(copy.path()).unwrap();
