@@ -784,6 +784,10 @@ impl Store {
     /// synced. Returns the applied state recorded in it. On error nothing is changed.
     pub fn import_state(&self, data: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         let records = parse_snapshot(data)?;
+        // The import deletes every key it sees, in the write-ahead log. A delete applied since
+        // the last flush is in memory only: without this flush, a crash would lose it and the
+        // key it hides would come back from a table file, beside the imported state.
+        self.persist_state()?;
         let mut batch = WriteBatch::default();
         for name in STATE_CFS {
             let cf = self.cf(name)?;
