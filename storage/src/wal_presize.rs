@@ -197,4 +197,32 @@ mod tests {
         let reopened = Store::open(copy.path()).unwrap();
         assert_eq!(reopened.log_range(0, None).unwrap().len(), 201);
     }
+
+    /// Opening presizes the WAL the store starts with; the store's thread presizes each one
+    /// RocksDB switches to after, within a few ticks.
+    #[test]
+    fn a_store_presizes_its_wal_at_open_and_each_new_one_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let first = newest_wal(dir.path()).unwrap().unwrap();
+        assert_eq!(len(&first), STEP, "presized at open");
+
+        // A flush switches RocksDB to a new WAL (the current one holds a log entry).
+        store.log_append([(1, b"entry".to_vec())]).unwrap();
+        store.apply(1, None, b"applied").unwrap();
+        store.persist_state().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let second = loop {
+            let newest = newest_wal(dir.path()).unwrap().unwrap();
+            if newest != first && len(&newest) == STEP {
+                break newest;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the new WAL {newest:?} was not presized"
+            );
+            std::thread::sleep(TICK);
+        };
+        assert_ne!(second, first);
+    }
 }
