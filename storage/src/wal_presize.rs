@@ -41,15 +41,19 @@ const TICK: Duration = Duration::from_millis(100);
 pub(crate) struct Presizer;
 
 impl Presizer {
-    /// Presizes the newest WAL in `dir` now, then starts the thread.
+    /// Presizes the newest WAL in `dir` now, then starts the thread, unless the filesystem
+    /// cannot allocate.
     pub(crate) fn start(dir: PathBuf, db: Weak<DB>) {
-        report(presize_newest(&dir));
+        if !report(presize_newest(&dir)) {
+            return;
+        }
         let spawned = std::thread::Builder::new()
             .name("wal-presize".into())
-            .spawn(move || {
-                while db.strong_count() > 0 {
-                    std::thread::sleep(TICK);
-                    report(presize_newest(&dir));
+            .spawn(move || loop {
+                std::thread::sleep(TICK);
+                // Checked after the sleep: a closed store's WAL is left as RocksDB truncated it.
+                if db.strong_count() == 0 || !report(presize_newest(&dir)) {
+                    return;
                 }
             });
         if let Err(e) = spawned {
@@ -58,12 +62,19 @@ impl Presizer {
     }
 }
 
-fn report(r: io::Result<Option<u64>>) {
+/// Logs the outcome of one look; false when presizing cannot work on this filesystem (no
+/// `fallocate`), so that the presizer stops instead of failing every tick.
+fn report(r: io::Result<Option<u64>>) -> bool {
     match r {
         Ok(Some(len)) => tracing::debug!(len, "write-ahead log presized"),
         Ok(None) => {}
+        Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+            tracing::info!(error = %e, "filesystem cannot preallocate; write-ahead log not presized");
+            return false;
+        }
         Err(e) => tracing::debug!(error = %e, "write-ahead log not presized"),
     }
+    true
 }
 
 /// Allocates the newest WAL file in `dir` up to a whole number of [`STEP`]s. Returns the new
@@ -153,6 +164,19 @@ mod tests {
         // Older WAL files and other files are not touched.
         assert_eq!(std::fs::read(p("000003.log")).unwrap(), vec![1u8; 100]);
         assert_eq!(len(&p("LOG")), 1);
+    }
+
+    #[test]
+    fn the_presizer_stops_only_where_the_filesystem_cannot_allocate() {
+        let unsupported = io::Error::from_raw_os_error(nix::libc::EOPNOTSUPP);
+        assert!(!report(Err(unsupported)));
+        let full = io::Error::from_raw_os_error(nix::libc::ENOSPC);
+        assert!(
+            report(Err(full)),
+            "a full disk may have room at the next tick"
+        );
+        assert!(report(Ok(None)));
+        assert!(report(Ok(Some(STEP))));
     }
 
     #[test]
