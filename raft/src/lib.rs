@@ -23,7 +23,9 @@ pub mod types;
 
 pub use log_store::LogStore;
 pub use network::{ForwardError, MembershipOp, NodeStatus};
-pub use node::{ClusterStatus, MemberStatus, NodeError, RaftConfig, RaftNode};
+pub use node::{
+    timing_fault, ClusterStatus, MemberStatus, NodeError, RaftConfig, RaftNode, TimingFault,
+};
 pub use state_machine::StateMachine;
 pub use tls::{AcceptLimits, PeerTls};
 pub use types::{NodeId, TypeConfig};

@@ -99,6 +99,40 @@ pub struct RaftConfig {
     pub commit_notice_delay: Duration,
 }
 
+/// The Raft timing setting that breaks a rule of [`timing_fault`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimingFault {
+    /// Zero, or not below the election timeout minimum: a follower that hears no heartbeat
+    /// within its election timeout starts an election.
+    HeartbeatInterval,
+    /// Not below the election timeout maximum: servers draw their timeouts from that range so
+    /// that they do not all stand at once.
+    ElectionTimeoutMin,
+    /// Above the heartbeat interval: a heartbeat that moves the commit index on is held back
+    /// as long.
+    CommitNoticeDelay,
+}
+
+/// The rules the Raft timings must keep together, checked in this order; the first one
+/// broken, if any. One definition for [`RaftConfig::validate`] and for the server's config
+/// file check, which words its errors with its own keys and units.
+pub fn timing_fault(
+    heartbeat_interval: Duration,
+    election_timeout_min: Duration,
+    election_timeout_max: Duration,
+    commit_notice_delay: Duration,
+) -> Option<TimingFault> {
+    if heartbeat_interval.is_zero() || heartbeat_interval >= election_timeout_min {
+        Some(TimingFault::HeartbeatInterval)
+    } else if election_timeout_min >= election_timeout_max {
+        Some(TimingFault::ElectionTimeoutMin)
+    } else if commit_notice_delay > heartbeat_interval {
+        Some(TimingFault::CommitNoticeDelay)
+    } else {
+        None
+    }
+}
+
 impl RaftConfig {
     /// Defaults: 70 ms heartbeat, 80-160 ms election timeout, snapshot every 5000 entries,
     /// keep 1000, 5 s requests. Neither TLS nor plain TCP is chosen: set one.
@@ -151,23 +185,31 @@ impl RaftConfig {
             }
             _ => {}
         }
-        if self.heartbeat_interval.is_zero() || self.heartbeat_interval >= self.election_timeout_min
-        {
-            return Err(NodeError::Config(
-                "heartbeat_interval must be non-zero and below election_timeout_min".into(),
-            ));
-        }
-        if self.commit_notice_delay > self.heartbeat_interval {
-            return Err(NodeError::Config(format!(
-                "commit_notice_delay ({:?}) must not exceed heartbeat_interval ({:?}): a \
-                 heartbeat that moves the commit index on is held back as long",
-                self.commit_notice_delay, self.heartbeat_interval
-            )));
-        }
-        if self.election_timeout_min >= self.election_timeout_max {
-            return Err(NodeError::Config(
-                "election_timeout_min must be below election_timeout_max".into(),
-            ));
+        let fault = timing_fault(
+            self.heartbeat_interval,
+            self.election_timeout_min,
+            self.election_timeout_max,
+            self.commit_notice_delay,
+        );
+        match fault {
+            Some(TimingFault::HeartbeatInterval) => {
+                return Err(NodeError::Config(
+                    "heartbeat_interval must be non-zero and below election_timeout_min".into(),
+                ))
+            }
+            Some(TimingFault::ElectionTimeoutMin) => {
+                return Err(NodeError::Config(
+                    "election_timeout_min must be below election_timeout_max".into(),
+                ))
+            }
+            Some(TimingFault::CommitNoticeDelay) => {
+                return Err(NodeError::Config(format!(
+                    "commit_notice_delay ({:?}) must not exceed heartbeat_interval ({:?}): a \
+                     heartbeat that moves the commit index on is held back as long",
+                    self.commit_notice_delay, self.heartbeat_interval
+                )))
+            }
+            None => {}
         }
         if self.snapshot_after_logs == 0 || self.request_timeout.is_zero() {
             return Err(NodeError::Config(
@@ -898,6 +940,54 @@ async fn forward_status(addr: &str, tls: Option<&Arc<rustls::ClientConfig>>) -> 
 #[allow(clippy::unwrap_used)] // tests may unwrap
 mod tests {
     use super::*;
+
+    #[test]
+    fn timing_faults_name_the_first_rule_broken_and_validate_refuses_each() {
+        let ms = Duration::from_millis;
+        let us = Duration::from_micros;
+        assert_eq!(timing_fault(ms(70), ms(80), ms(160), ms(1)), None);
+        assert_eq!(
+            timing_fault(ms(0), ms(80), ms(160), us(0)),
+            Some(TimingFault::HeartbeatInterval)
+        );
+        assert_eq!(
+            timing_fault(ms(80), ms(80), ms(160), us(0)),
+            Some(TimingFault::HeartbeatInterval)
+        );
+        assert_eq!(
+            timing_fault(ms(70), ms(160), ms(160), us(0)),
+            Some(TimingFault::ElectionTimeoutMin)
+        );
+        assert_eq!(
+            timing_fault(ms(70), ms(80), ms(160), us(70_001)),
+            Some(TimingFault::CommitNoticeDelay)
+        );
+        assert_eq!(timing_fault(ms(70), ms(80), ms(160), us(70_000)), None);
+        // Several broken: the heartbeat first, then the election range.
+        assert_eq!(
+            timing_fault(ms(0), ms(160), ms(160), ms(1)),
+            Some(TimingFault::HeartbeatInterval)
+        );
+        assert_eq!(
+            timing_fault(ms(70), ms(160), ms(80), ms(71)),
+            Some(TimingFault::ElectionTimeoutMin)
+        );
+
+        let mut cfg = RaftConfig::new(1, "127.0.0.1:7001".parse().unwrap(), "/nonexistent");
+        cfg.insecure_plaintext = true;
+        cfg.validate().unwrap();
+        let refused = |f: &dyn Fn(&mut RaftConfig)| {
+            let mut c = cfg.clone();
+            f(&mut c);
+            match c.validate() {
+                Err(NodeError::Config(m)) => m,
+                other => panic!("not refused: {other:?}"),
+            }
+        };
+        assert!(refused(&|c| c.heartbeat_interval = ms(80)).starts_with("heartbeat_interval"));
+        assert!(refused(&|c| c.election_timeout_max = ms(80)).starts_with("election_timeout_min"));
+        assert!(refused(&|c| c.commit_notice_delay = ms(71)).starts_with("commit_notice_delay"));
+    }
 
     #[tokio::test]
     async fn a_forwarding_connection_is_reused_until_the_peer_moves() {

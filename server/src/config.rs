@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use plinth_raft::TimingFault;
 use plinth_spiffe::{KeyType, SpiffeId, TrustDomain};
 use serde::Deserialize;
 
@@ -517,40 +518,45 @@ impl Config {
         if file.cluster.node_id == 0 {
             return Err(invalid("cluster.node_id", "must be at least 1"));
         }
-        // The Raft timings, checked here as well as when Raft starts
-        // (`plinth_raft::RaftConfig::validate`), so that `plinth-server validate` refuses them too
-        // and names the key.
+        // The Raft timings, by the rules Raft checks when it starts (`plinth_raft::timing_fault`),
+        // here so that `plinth-server validate` refuses them too and names the key.
         let timing = &file.cluster;
-        if timing.heartbeat_interval_ms == 0
-            || timing.heartbeat_interval_ms >= timing.election_timeout_min_ms
-        {
-            return Err(invalid(
-                "cluster.heartbeat_interval_ms",
-                format!(
-                    "{} must be at least 1 and below election_timeout_min_ms ({}): a follower \
-                     that hears no heartbeat within its election timeout starts an election",
-                    timing.heartbeat_interval_ms, timing.election_timeout_min_ms
-                ),
-            ));
-        }
-        if timing.election_timeout_min_ms >= timing.election_timeout_max_ms {
-            return Err(invalid(
-                "cluster.election_timeout_min_ms",
-                format!(
-                    "{} must be below election_timeout_max_ms ({}): servers draw their timeouts \
-                     from that range so that they do not all stand at once",
-                    timing.election_timeout_min_ms, timing.election_timeout_max_ms
-                ),
-            ));
-        }
-        if file.cluster.commit_notice_delay_us
-            > file.cluster.heartbeat_interval_ms.saturating_mul(1000)
-        {
-            return Err(invalid(
-                "cluster.commit_notice_delay_us",
-                "must not exceed heartbeat_interval_ms (a heartbeat that moves the commit index \
-                 on is held back as long)",
-            ));
+        let fault = plinth_raft::timing_fault(
+            Duration::from_millis(timing.heartbeat_interval_ms),
+            Duration::from_millis(timing.election_timeout_min_ms),
+            Duration::from_millis(timing.election_timeout_max_ms),
+            Duration::from_micros(timing.commit_notice_delay_us),
+        );
+        match fault {
+            Some(TimingFault::HeartbeatInterval) => {
+                return Err(invalid(
+                    "cluster.heartbeat_interval_ms",
+                    format!(
+                        "{} must be at least 1 and below election_timeout_min_ms ({}): a \
+                         follower that hears no heartbeat within its election timeout starts an \
+                         election",
+                        timing.heartbeat_interval_ms, timing.election_timeout_min_ms
+                    ),
+                ))
+            }
+            Some(TimingFault::ElectionTimeoutMin) => {
+                return Err(invalid(
+                    "cluster.election_timeout_min_ms",
+                    format!(
+                        "{} must be below election_timeout_max_ms ({}): servers draw their \
+                         timeouts from that range so that they do not all stand at once",
+                        timing.election_timeout_min_ms, timing.election_timeout_max_ms
+                    ),
+                ))
+            }
+            Some(TimingFault::CommitNoticeDelay) => {
+                return Err(invalid(
+                    "cluster.commit_notice_delay_us",
+                    "must not exceed heartbeat_interval_ms (a heartbeat that moves the commit \
+                     index on is held back as long)",
+                ))
+            }
+            None => {}
         }
         if file.cluster.snapshot_after_logs == 0 {
             return Err(invalid("cluster.snapshot_after_logs", "must be at least 1"));
