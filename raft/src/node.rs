@@ -943,35 +943,24 @@ mod tests {
 
     #[test]
     fn timing_faults_name_the_first_rule_broken_and_validate_refuses_each() {
+        use TimingFault::{CommitNoticeDelay, ElectionTimeoutMin, HeartbeatInterval};
         let ms = Duration::from_millis;
-        let us = Duration::from_micros;
-        assert_eq!(timing_fault(ms(70), ms(80), ms(160), ms(1)), None);
-        assert_eq!(
-            timing_fault(ms(0), ms(80), ms(160), us(0)),
-            Some(TimingFault::HeartbeatInterval)
-        );
-        assert_eq!(
-            timing_fault(ms(80), ms(80), ms(160), us(0)),
-            Some(TimingFault::HeartbeatInterval)
-        );
-        assert_eq!(
-            timing_fault(ms(70), ms(160), ms(160), us(0)),
-            Some(TimingFault::ElectionTimeoutMin)
-        );
-        assert_eq!(
-            timing_fault(ms(70), ms(80), ms(160), us(70_001)),
-            Some(TimingFault::CommitNoticeDelay)
-        );
-        assert_eq!(timing_fault(ms(70), ms(80), ms(160), us(70_000)), None);
-        // Several broken: the heartbeat first, then the election range.
-        assert_eq!(
-            timing_fault(ms(0), ms(160), ms(160), ms(1)),
-            Some(TimingFault::HeartbeatInterval)
-        );
-        assert_eq!(
-            timing_fault(ms(70), ms(160), ms(80), ms(71)),
-            Some(TimingFault::ElectionTimeoutMin)
-        );
+        // (heartbeat ms, election min ms, election max ms, commit notice delay µs) -> fault
+        let cases = [
+            ((70, 80, 160, 1_000), None),
+            ((70, 80, 160, 70_000), None),
+            ((0, 80, 160, 0), Some(HeartbeatInterval)),
+            ((80, 80, 160, 0), Some(HeartbeatInterval)),
+            ((70, 160, 160, 0), Some(ElectionTimeoutMin)),
+            ((70, 80, 160, 70_001), Some(CommitNoticeDelay)),
+            // Several broken: the heartbeat first, then the election range.
+            ((0, 160, 160, 1_000), Some(HeartbeatInterval)),
+            ((70, 160, 80, 71_000), Some(ElectionTimeoutMin)),
+        ];
+        for ((hb, min, max, delay), want) in cases {
+            let got = timing_fault(ms(hb), ms(min), ms(max), Duration::from_micros(delay));
+            assert_eq!(got, want, "{hb} {min}-{max} {delay}");
+        }
 
         let mut cfg = RaftConfig::new(1, "127.0.0.1:7001".parse().unwrap(), "/nonexistent");
         cfg.insecure_plaintext = true;
