@@ -16,9 +16,9 @@
 //! files), so recovery replays exactly the records written (tested on a copy of an open store).
 //!
 //! The rule is stateless, so two presizers on one directory (a store being reopened) agree. A
-//! failed allocation (no space, a filesystem without `fallocate`) changes nothing and is
-//! retried at the next tick; the log is as correct without it, only slower to sync. Measured in
-//! docs/benchmarks.md ("Pre-sized write-ahead log").
+//! failed allocation changes nothing: for want of space it is retried at the next tick; on a
+//! filesystem without `fallocate` the presizer stops. The log is as correct without it, only
+//! slower to sync. Measured in docs/benchmarks.md ("Pre-sized write-ahead log").
 
 use std::fs::OpenOptions;
 use std::io;
@@ -51,7 +51,8 @@ impl Presizer {
             .name("wal-presize".into())
             .spawn(move || loop {
                 std::thread::sleep(TICK);
-                // Checked after the sleep: a closed store's WAL is left as RocksDB truncated it.
+                // Checked after the sleep, so that a closed store's WAL is, but for a narrow
+                // race, left as RocksDB truncated it (a zero tail would be skipped anyway).
                 if db.strong_count() == 0 || !report(presize_newest(&dir)) {
                     return;
                 }
