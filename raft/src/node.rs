@@ -185,31 +185,25 @@ impl RaftConfig {
             }
             _ => {}
         }
-        let fault = timing_fault(
+        if let Some(fault) = timing_fault(
             self.heartbeat_interval,
             self.election_timeout_min,
             self.election_timeout_max,
             self.commit_notice_delay,
-        );
-        match fault {
-            Some(TimingFault::HeartbeatInterval) => {
-                return Err(NodeError::Config(
-                    "heartbeat_interval must be non-zero and below election_timeout_min".into(),
-                ))
-            }
-            Some(TimingFault::ElectionTimeoutMin) => {
-                return Err(NodeError::Config(
-                    "election_timeout_min must be below election_timeout_max".into(),
-                ))
-            }
-            Some(TimingFault::CommitNoticeDelay) => {
-                return Err(NodeError::Config(format!(
+        ) {
+            return Err(NodeError::Config(match fault {
+                TimingFault::HeartbeatInterval => {
+                    "heartbeat_interval must be non-zero and below election_timeout_min".into()
+                }
+                TimingFault::ElectionTimeoutMin => {
+                    "election_timeout_min must be below election_timeout_max".into()
+                }
+                TimingFault::CommitNoticeDelay => format!(
                     "commit_notice_delay ({:?}) must not exceed heartbeat_interval ({:?}): a \
                      heartbeat that moves the commit index on is held back as long",
                     self.commit_notice_delay, self.heartbeat_interval
-                )))
-            }
-            None => {}
+                ),
+            }));
         }
         if self.snapshot_after_logs == 0 || self.request_timeout.is_zero() {
             return Err(NodeError::Config(

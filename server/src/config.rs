@@ -521,15 +521,14 @@ impl Config {
         // The Raft timings, by the rules Raft checks when it starts (`plinth_raft::timing_fault`),
         // here so that `plinth-server validate` refuses them too and names the key.
         let timing = &file.cluster;
-        let fault = plinth_raft::timing_fault(
+        if let Some(fault) = plinth_raft::timing_fault(
             Duration::from_millis(timing.heartbeat_interval_ms),
             Duration::from_millis(timing.election_timeout_min_ms),
             Duration::from_millis(timing.election_timeout_max_ms),
             Duration::from_micros(timing.commit_notice_delay_us),
-        );
-        match fault {
-            Some(TimingFault::HeartbeatInterval) => {
-                return Err(invalid(
+        ) {
+            return Err(match fault {
+                TimingFault::HeartbeatInterval => invalid(
                     "cluster.heartbeat_interval_ms",
                     format!(
                         "{} must be at least 1 and below election_timeout_min_ms ({}): a \
@@ -537,26 +536,21 @@ impl Config {
                          election",
                         timing.heartbeat_interval_ms, timing.election_timeout_min_ms
                     ),
-                ))
-            }
-            Some(TimingFault::ElectionTimeoutMin) => {
-                return Err(invalid(
+                ),
+                TimingFault::ElectionTimeoutMin => invalid(
                     "cluster.election_timeout_min_ms",
                     format!(
                         "{} must be below election_timeout_max_ms ({}): servers draw their \
                          timeouts from that range so that they do not all stand at once",
                         timing.election_timeout_min_ms, timing.election_timeout_max_ms
                     ),
-                ))
-            }
-            Some(TimingFault::CommitNoticeDelay) => {
-                return Err(invalid(
+                ),
+                TimingFault::CommitNoticeDelay => invalid(
                     "cluster.commit_notice_delay_us",
                     "must not exceed heartbeat_interval_ms (a heartbeat that moves the commit \
                      index on is held back as long)",
-                ))
-            }
-            None => {}
+                ),
+            });
         }
         if file.cluster.snapshot_after_logs == 0 {
             return Err(invalid("cluster.snapshot_after_logs", "must be at least 1"));
