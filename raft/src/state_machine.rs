@@ -135,10 +135,10 @@ impl StateMachine {
     }
 
     fn publish(&self, events: Vec<ChangeEvent>) {
-        if let Some(trust) = &self.trust {
-            if let Some(last) = events.iter().rev().find(|e| e.change.affects_trust()) {
-                trust.send_replace(last.revision);
-            }
+        if let (Some(trust), Some(revision)) =
+            (&self.trust, ChangeEvent::last_trust_revision(&events))
+        {
+            trust.send_replace(revision);
         }
         for e in events {
             // No subscribers is fine.

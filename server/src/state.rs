@@ -123,10 +123,10 @@ impl Replicated for LocalState {
             .apply(*idx, Some(&proposal), &[])
             .map_err(|e| StateError::Fatal(e.to_string()))?;
         *idx += 1;
+        if let Some(revision) = ChangeEvent::last_trust_revision(&applied.changes) {
+            self.trust.send_replace(revision);
+        }
         for c in applied.changes {
-            if c.change.affects_trust() {
-                self.trust.send_replace(c.revision);
-            }
             let _ = self.changes.send(c);
         }
         match applied.response.result {

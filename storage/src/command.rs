@@ -365,3 +365,15 @@ pub struct ChangeEvent {
     pub log_index: u64,
     pub change: Change,
 }
+
+impl ChangeEvent {
+    /// The revision of the last of `events` that [`Change::affects_trust`], if any: what a
+    /// watch of trust changes moves to after them.
+    pub fn last_trust_revision(events: &[ChangeEvent]) -> Option<u64> {
+        events
+            .iter()
+            .rev()
+            .find(|e| e.change.affects_trust())
+            .map(|e| e.revision)
+    }
+}
