@@ -86,6 +86,12 @@ pub struct NodeStatus {
     pub applied_index: Option<u64>,
     /// The state machine's global revision.
     pub revision: u64,
+    /// Raft log syncs since the node started, and their total time in microseconds (absent,
+    /// so 0, from a server that predates them).
+    #[serde(default)]
+    pub log_syncs: u64,
+    #[serde(default)]
+    pub log_sync_micros: u64,
 }
 
 pub(crate) fn pack<T>(value: &T) -> Result<Payload, Status>

@@ -442,6 +442,7 @@ impl Inner {
 
     pub(crate) fn node_status(&self) -> NodeStatus {
         let m = self.raft.metrics().borrow().clone();
+        let (log_syncs, log_sync_micros) = self.flusher.sync_stats();
         NodeStatus {
             node_id: self.id,
             state: format!("{:?}", m.state),
@@ -450,6 +451,8 @@ impl Inner {
             last_log_index: m.last_log_index,
             applied_index: m.last_applied.map(|l| l.index),
             revision: self.store.revision().unwrap_or_default(),
+            log_syncs,
+            log_sync_micros,
         }
     }
 

@@ -222,7 +222,18 @@ async fn t10_writes_from_any_node_are_forwarded_replicated_and_published() {
     for m in &status.members {
         let s = m.status.as_ref().unwrap();
         assert!(s.applied_index.is_some());
+        // Every member synced its log; the others' counts came over the peer API.
+        assert!(s.log_syncs >= 1, "{s:?}");
     }
+    // The leader syncs a write before it is acknowledged, and counts the sync with its time.
+    let before = c.node(leader).node_status();
+    created(c.write(leader, create(2)).await);
+    let after = c.node(leader).node_status();
+    assert!(
+        after.log_syncs > before.log_syncs,
+        "{before:?} -> {after:?}"
+    );
+    assert!(after.log_sync_micros >= before.log_sync_micros);
     for node in c.nodes.into_iter().flatten() {
         node.shutdown().await.unwrap();
     }

@@ -416,6 +416,12 @@ pub async fn connect(path: &Path) -> anyhow::Result<Channel> {
     Ok(ch)
 }
 
+/// The mean Raft log sync in milliseconds from a member's sync count and total microseconds;
+/// `None` when it has not synced (or did not answer).
+fn mean_log_sync(syncs: u64, micros: u64) -> Option<f64> {
+    (syncs > 0).then(|| micros as f64 / syncs as f64 / 1000.0)
+}
+
 fn status_err(s: tonic::Status) -> anyhow::Error {
     anyhow!("{}", s.message())
 }
@@ -1091,11 +1097,14 @@ pub async fn client(cmd: Cmd) -> anyhow::Result<()> {
                 println!("Members   :");
                 for m in &s.members {
                     println!(
-                        "  {:>4}  {:<22} {:<8} applied {}",
+                        "  {:>4}  {:<22} {:<8} applied {}{}",
                         m.node_id,
                         m.address,
                         if m.voter { "voter" } else { "learner" },
-                        m.applied_index
+                        m.applied_index,
+                        mean_log_sync(m.log_syncs, m.log_sync_micros)
+                            .map(|ms| format!(", log sync {ms:.2} ms mean"))
+                            .unwrap_or_default()
                     );
                 }
             };
@@ -1112,7 +1121,7 @@ pub async fn client(cmd: Cmd) -> anyhow::Result<()> {
                         println!(
                             "{}",
                             json!({"node_id": s.node_id, "leader_id": s.leader_id, "term": s.term,
-                                "members": s.members.iter().map(|m| json!({"node_id": m.node_id, "address": m.address, "voter": m.voter, "applied_index": m.applied_index})).collect::<Vec<_>>()})
+                                "members": s.members.iter().map(|m| json!({"node_id": m.node_id, "address": m.address, "voter": m.voter, "applied_index": m.applied_index, "log_syncs": m.log_syncs, "log_sync_micros": m.log_sync_micros})).collect::<Vec<_>>()})
                         );
                     } else {
                         print_status(&s);
@@ -1243,4 +1252,17 @@ fn write_secret(path: &Path, data: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", path.display()))?;
     f.write_all(data)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mean_log_sync;
+
+    #[test]
+    fn mean_log_sync_is_per_sync_in_ms_and_absent_without_syncs() {
+        assert_eq!(mean_log_sync(0, 0), None);
+        assert_eq!(mean_log_sync(0, 500), None);
+        assert_eq!(mean_log_sync(4, 1_000), Some(0.25));
+        assert_eq!(mean_log_sync(1, 2_500), Some(2.5));
+    }
 }

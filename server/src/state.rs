@@ -64,6 +64,9 @@ pub struct MemberView {
     pub voter: bool,
     /// The member's applied log index, if it answered.
     pub applied_index: Option<u64>,
+    /// The member's Raft log syncs since it started and their total time in microseconds, if
+    /// it answered (none without Raft).
+    pub log_syncs: Option<(u64, u64)>,
 }
 
 /// The cluster as one node sees it.
@@ -162,6 +165,7 @@ impl Replicated for LocalState {
                 address: String::new(),
                 voter: true,
                 applied_index: Some(applied),
+                log_syncs: None,
             }],
         }
     }
@@ -252,7 +256,8 @@ impl Replicated for RaftState {
                     node_id: m.node_id,
                     address: m.addr,
                     voter: m.voter,
-                    applied_index: m.status.and_then(|st| st.applied_index),
+                    applied_index: m.status.as_ref().and_then(|st| st.applied_index),
+                    log_syncs: m.status.map(|st| (st.log_syncs, st.log_sync_micros)),
                 })
                 .collect(),
         }

@@ -305,6 +305,18 @@ async fn t70_cli_against_a_running_server() {
         // cluster and health.
         let o = run(&["cluster", "status"]);
         assert!(o.ok && o.stdout.contains("Leader    : 1"), "{}", o.stdout);
+        // The node synced its Raft log for the writes above: its mean sync time is shown.
+        assert!(
+            o.stdout.contains(", log sync ") && o.stdout.contains(" ms mean"),
+            "{}",
+            o.stdout
+        );
+        let o = run(&["cluster", "status", "-output", "json"]);
+        assert!(o.ok, "{}", o.stderr);
+        let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+        let me = &v["members"][0];
+        assert!(me["log_syncs"].as_u64().unwrap() >= 1, "{v}");
+        assert!(me["log_sync_micros"].as_u64().is_some(), "{v}");
         let o = run(&["healthcheck"]);
         assert!(
             o.ok && o.stdout.contains("Server is healthy."),

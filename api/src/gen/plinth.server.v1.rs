@@ -654,6 +654,12 @@ pub struct ClusterMember {
     pub voter: bool,
     #[prost(uint64, tag = "4")]
     pub applied_index: u64,
+    /// The member's Raft log syncs since it started, and their total time in microseconds (0 if it
+    /// did not answer). Two readings give the mean sync time between them.
+    #[prost(uint64, tag = "5")]
+    pub log_syncs: u64,
+    #[prost(uint64, tag = "6")]
+    pub log_sync_micros: u64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]

@@ -34,6 +34,8 @@ impl<S: Replicated> ClusterApi<S> {
                     address: m.address,
                     voter: m.voter,
                     applied_index: m.applied_index.unwrap_or(0),
+                    log_syncs: m.log_syncs.map_or(0, |(n, _)| n),
+                    log_sync_micros: m.log_syncs.map_or(0, |(_, us)| us),
                 })
                 .collect(),
             applied_index: applied,

@@ -97,6 +97,21 @@ impl Cluster {
         crate::procs::usage(&self.procs)
     }
 
+    /// The WAL fsyncs of all three members so far and their total time in microseconds, from
+    /// each member's `etcd_disk_wal_fsync_duration_seconds` on its `/metrics` page.
+    pub async fn wal_fsyncs(&self) -> anyhow::Result<(u64, u64)> {
+        let mut total = (0, 0);
+        for endpoint in &self.endpoints {
+            let page = tokio::time::timeout(CALL_LIMIT, metrics_page(endpoint))
+                .await
+                .context("etcd /metrics: timeout")??;
+            let (n, us) = wal_fsyncs(&page)
+                .with_context(|| format!("{endpoint}/metrics has no WAL fsync histogram"))?;
+            total = (total.0 + n, total.1 + us);
+        }
+        Ok(total)
+    }
+
     /// The client URL of the member every member names as leader.
     pub async fn leader_endpoint(&self) -> anyhow::Result<String> {
         let deadline = Instant::now() + WAIT_LIMIT;
@@ -158,5 +173,59 @@ impl Writer {
             .map_err(|_| "timeout".to_owned())?
             .map(|_| ())
             .map_err(|s| s.to_string())
+    }
+}
+
+/// The `/metrics` page of the member at `endpoint` (`http://host:port`), over plain HTTP/1.0.
+async fn metrics_page(endpoint: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = endpoint
+        .strip_prefix("http://")
+        .with_context(|| format!("not an http:// endpoint: {endpoint}"))?;
+    let mut conn = tokio::net::TcpStream::connect(addr).await?;
+    conn.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw).await?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("/metrics: no end of headers")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        bail!("/metrics: {}", head.lines().next().unwrap_or_default());
+    }
+    Ok(body.to_owned())
+}
+
+/// The WAL fsync count and total microseconds on a Prometheus text page, if it has both.
+fn wal_fsyncs(page: &str) -> Option<(u64, u64)> {
+    let value = |name: &str| {
+        page.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    let count = value("etcd_disk_wal_fsync_duration_seconds_count")?;
+    let sum = value("etcd_disk_wal_fsync_duration_seconds_sum")?;
+    Some((count as u64, (sum * 1e6).round() as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wal_fsyncs;
+
+    #[test]
+    fn wal_fsyncs_reads_the_histogram_sum_and_count() {
+        let page = "# HELP etcd_disk_wal_fsync_duration_seconds The latency distributions of fsync called by WAL.\n\
+            # TYPE etcd_disk_wal_fsync_duration_seconds histogram\n\
+            etcd_disk_wal_fsync_duration_seconds_bucket{le=\"0.001\"} 6000\n\
+            etcd_disk_wal_fsync_duration_seconds_sum 2.4324375\n\
+            etcd_disk_wal_fsync_duration_seconds_count 6699\n\
+            etcd_disk_wal_write_bytes_total 123\n";
+        assert_eq!(wal_fsyncs(page), Some((6699, 2_432_438)));
+        assert_eq!(
+            wal_fsyncs("etcd_disk_wal_fsync_duration_seconds_count 3\n"),
+            None
+        );
+        assert_eq!(wal_fsyncs(""), None);
     }
 }

@@ -122,6 +122,10 @@ struct Stats {
     cpu: Duration,
     /// Their threads' voluntary context switches over the cell (`procs::Proc::voluntary_switches`).
     switches: u64,
+    /// The log syncs (fsyncs of the write-ahead log) of the three servers over the cell, and
+    /// their total time in microseconds, as each system reports them.
+    syncs: u64,
+    sync_micros: u64,
 }
 
 impl Stats {
@@ -141,6 +145,12 @@ impl Stats {
         self.switches as f64 / self.sent.max(1) as f64
     }
 
+    /// The mean time of one log sync over the cell, in ms: the disk's share of a write, which
+    /// is the same for both systems on a shared disk unless one syncs differently.
+    fn sync_ms(&self) -> f64 {
+        self.sync_micros as f64 / 1000.0 / self.syncs.max(1) as f64
+    }
+
     /// All rounds of one cell as one measurement (`None` if there were none).
     fn pooled<'a>(rounds: impl Iterator<Item = &'a Stats>) -> Option<Stats> {
         let mut all = Stats::default();
@@ -153,6 +163,8 @@ impl Stats {
             all.seconds += s.seconds;
             all.cpu += s.cpu;
             all.switches += s.switches;
+            all.syncs += s.syncs;
+            all.sync_micros += s.sync_micros;
             all.latencies.extend_from_slice(&s.latencies);
         }
         all.latencies.sort();
@@ -284,7 +296,7 @@ async fn main() -> anyhow::Result<()> {
     println!();
     println!(
         "| clients | system | writes/s | p50 ms | p99 ms | errors | server CPU ms/write | \
-         server thread switches/write |\n|---:|---|---:|---:|---:|---:|---:|---:|"
+         server thread switches/write | log sync ms (mean) |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|"
     );
     let mut results = Vec::new();
     let mut batching = Vec::new();
@@ -306,8 +318,10 @@ async fn main() -> anyhow::Result<()> {
                 clients.push(Client::Plinth(w));
             }
             let before = pc.applied_index(leader).await?;
-            let s = run_load_used(clients, args.seconds, || pc.usage()).await;
+            let syncs = pc.log_syncs(leader).await?;
+            let mut s = run_load_used(clients, args.seconds, || pc.usage()).await;
             let entries = pc.applied_index(leader).await?.saturating_sub(before);
+            (s.syncs, s.sync_micros) = since(pc.log_syncs(leader).await?, syncs);
             print_row(n, "plinth", &s);
             batching.push((n, s.sent, entries));
             results.push(("plinth", n, s));
@@ -318,7 +332,9 @@ async fn main() -> anyhow::Result<()> {
                     let w = etcd::Writer::connect(&endpoint, cell, c, args.value_size).await?;
                     clients.push(Client::Etcd(w));
                 }
-                let s = run_load_used(clients, args.seconds, || ec.usage()).await;
+                let syncs = ec.wal_fsyncs().await?;
+                let mut s = run_load_used(clients, args.seconds, || ec.usage()).await;
+                (s.syncs, s.sync_micros) = since(ec.wal_fsyncs().await?, syncs);
                 print_row(n, "etcd", &s);
                 results.push(("etcd", n, s));
             }
@@ -349,7 +365,8 @@ async fn main() -> anyhow::Result<()> {
                 println!(
                     "{n} client(s), {} round(s) pooled: plinth {:.0} vs etcd {:.0} writes/s, \
                      throughput {:.2}x, p99 {} ms vs {} ms: target {}; server CPU per write \
-                     {:.3} vs {:.3} ms, thread switches per write {:.1} vs {:.1}",
+                     {:.3} vs {:.3} ms, thread switches per write {:.1} vs {:.1}, log sync \
+                     {:.3} vs {:.3} ms mean",
                     args.rounds,
                     p.rate(),
                     e.rate(),
@@ -360,7 +377,9 @@ async fn main() -> anyhow::Result<()> {
                     p.cpu_per_write(),
                     e.cpu_per_write(),
                     p.switches_per_write(),
-                    e.switches_per_write()
+                    e.switches_per_write(),
+                    p.sync_ms(),
+                    e.sync_ms()
                 );
             }
         }
@@ -409,12 +428,22 @@ async fn main() -> anyhow::Result<()> {
 
 fn print_row(n: usize, system: &str, s: &Stats) {
     println!(
-        "| {n} | {system} | {:.0} | {} | {} | {} | {:.3} | {:.1} |",
+        "| {n} | {system} | {:.0} | {} | {} | {} | {:.3} | {:.1} | {:.3} |",
         s.rate(),
         ms(quantile(&s.latencies, 0.5)),
         ms(quantile(&s.latencies, 0.99)),
         s.errors,
         s.cpu_per_write(),
-        s.switches_per_write()
+        s.switches_per_write(),
+        s.sync_ms()
     );
+}
+
+/// The syncs and their microseconds between two readings (a server restarted in between
+/// counts from zero again, which gives zero here rather than a wrapped figure).
+fn since(after: (u64, u64), before: (u64, u64)) -> (u64, u64) {
+    (
+        after.0.saturating_sub(before.0),
+        after.1.saturating_sub(before.1),
+    )
 }

@@ -208,6 +208,15 @@ keys_path = "{d}/keys"
         crate::procs::usage(self.nodes.iter().filter_map(|n| n.proc.as_ref()))
     }
 
+    /// The Raft log syncs of all members so far and their total time in microseconds, as
+    /// server `via` reports them in its cluster status.
+    pub async fn log_syncs(&self, via: u64) -> anyhow::Result<(u64, u64)> {
+        let st = status(&self.socket(via)).await?;
+        Ok(st.members.iter().fold((0, 0), |(n, us), m| {
+            (n + m.log_syncs, us + m.log_sync_micros)
+        }))
+    }
+
     pub fn socket(&self, id: u64) -> PathBuf {
         self.nodes[(id - 1) as usize].socket()
     }
