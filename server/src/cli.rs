@@ -482,6 +482,23 @@ fn ttl_text(t: i32) -> String {
     }
 }
 
+/// Unix seconds as SPIRE's CLI prints a time (Go's `time.Time` in UTC:
+/// `2026-12-04 18:23:13 +0000 UTC`); the number itself if it is out of range.
+fn go_time(secs: i64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp(secs) {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02} {:02}:{:02}:{:02} +0000 UTC",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ),
+        Err(_) => secs.to_string(),
+    }
+}
+
 fn print_entry(e: &pb::Entry) {
     println!("Entry ID         : {}", e.id);
     println!("SPIFFE ID        : {}", e.spiffe_id);
@@ -493,7 +510,7 @@ fn print_entry(e: &pb::Entry) {
     println!("X509-SVID TTL    : {}", ttl_text(e.x509_svid_ttl));
     println!("JWT-SVID TTL     : {}", ttl_text(e.jwt_svid_ttl));
     if e.expires_at != 0 {
-        println!("Expiration time  : {}", e.expires_at);
+        println!("Expiration time  : {}", go_time(e.expires_at));
     }
     for s in &e.selectors {
         println!("Selector         : {}:{}", s.r#type, s.value);
@@ -527,7 +544,7 @@ fn entry_json(e: &pb::Entry) -> Value {
 fn print_agent(a: &pb::Agent) {
     println!("SPIFFE ID         : {}", a.spiffe_id);
     println!("Attestation type  : {}", a.attestation_type);
-    println!("Expiration time   : {}", a.x509_svid_expires_at);
+    println!("Expiration time   : {}", go_time(a.x509_svid_expires_at));
     println!("Serial number     : {}", a.x509_svid_serial_number);
     println!("Can re-attest     : {}", a.can_reattest);
     println!("Banned            : {}", a.banned);
@@ -1256,7 +1273,15 @@ fn write_secret(path: &Path, data: &[u8]) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::mean_log_sync;
+    use super::{go_time, mean_log_sync};
+
+    #[test]
+    fn times_print_as_spire_prints_them_and_out_of_range_ones_as_numbers() {
+        assert_eq!(go_time(0), "1970-01-01 00:00:00 +0000 UTC");
+        assert_eq!(go_time(1_552_410_266), "2019-03-12 17:04:26 +0000 UTC");
+        assert_eq!(go_time(1_796_408_593), "2026-12-04 18:23:13 +0000 UTC");
+        assert_eq!(go_time(i64::MAX), i64::MAX.to_string());
+    }
 
     #[test]
     fn mean_log_sync_is_per_sync_in_ms_and_absent_without_syncs() {

@@ -205,12 +205,21 @@ async fn t70_cli_against_a_running_server() {
             "spiffe://example.org/spire/agent/join_token/abc",
             "-selector",
             "unix:uid:1000",
+            "-entryExpiry",
+            "4102444800",
         ]);
         assert!(
             o.ok && o.stdout.contains("spiffe://example.org/web2"),
             "{}{}",
             o.stdout,
             o.stderr
+        );
+        // Times print as SPIRE prints them (Go's time in UTC), not as Unix seconds.
+        assert!(
+            o.stdout
+                .contains("Expiration time  : 2100-01-01 00:00:00 +0000 UTC"),
+            "{}",
+            o.stdout
         );
         let o = run(&["entry", "delete", "-entryID", &id]);
         assert!(o.ok && o.stdout.contains(&id), "{}", o.stderr);
