@@ -22,7 +22,7 @@ use plinth_api::workload::{
     JwtBundlesRequest, JwtsvidRequest, ValidateJwtsvidRequest, X509BundlesRequest, X509svidRequest,
     X509svidResponse, ENDPOINT_SOCKET_ENV,
 };
-use plinth_spiffe::x509::cert_not_after;
+use plinth_spiffe::x509::{cert_not_after, cert_not_before, display_time};
 use plinth_spiffe::BundleSet;
 
 /// Where `plinth-agent api` looks for the socket when neither `-socketPath` nor
@@ -235,6 +235,16 @@ fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     Ok(())
 }
 
+/// A certificate's notBefore (or notAfter, with `until`) as SPIRE prints it.
+fn validity(der: &[u8], until: bool) -> Result<String> {
+    let t = if until {
+        cert_not_after(der)?
+    } else {
+        cert_not_before(der)?
+    };
+    Ok(display_time(t))
+}
+
 fn print_svids(resp: &X509svidResponse, write: Option<&Path>, silent: bool) -> Result<()> {
     let svids = resp
         .svids
@@ -248,11 +258,31 @@ fn print_svids(resp: &X509svidResponse, write: Option<&Path>, silent: bool) -> R
             if !svid.hint.is_empty() {
                 println!("Hint:\t\t\t{}", svid.hint);
             }
-            println!("SVID Valid Until:\t{}", cert_not_after(&svid.chain[0])?);
-            println!("Intermediates:\t\t{}", svid.chain.len() - 1);
-            println!("CA certificates:\t{}", svid.bundle.len());
+            // As SPIRE's `api fetch x509` prints them: each certificate's validity.
+            println!("SVID Valid After:\t{}", validity(&svid.chain[0], false)?);
+            println!("SVID Valid Until:\t{}", validity(&svid.chain[0], true)?);
+            for (n, c) in svid.chain.iter().skip(1).enumerate() {
+                println!(
+                    "Intermediate #{} Valid After:\t{}",
+                    n + 1,
+                    validity(c, false)?
+                );
+                println!(
+                    "Intermediate #{} Valid Until:\t{}",
+                    n + 1,
+                    validity(c, true)?
+                );
+            }
+            for (n, c) in svid.bundle.iter().enumerate() {
+                println!("CA #{} Valid After:\t{}", n + 1, validity(c, false)?);
+                println!("CA #{} Valid Until:\t{}", n + 1, validity(c, true)?);
+            }
             for b in federated.iter() {
-                println!("Federated bundle:\t{}", b.trust_domain());
+                for (n, c) in b.x509_authorities().iter().enumerate() {
+                    let td = b.trust_domain();
+                    println!("[{td}] CA #{} Valid After:\t{}", n + 1, validity(c, false)?);
+                    println!("[{td}] CA #{} Valid Until:\t{}", n + 1, validity(c, true)?);
+                }
             }
             println!();
         }

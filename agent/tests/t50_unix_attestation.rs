@@ -159,6 +159,16 @@ async fn t50_entry_for_a_uid_is_served_to_that_uid_only() {
         text(&o)
     );
     assert!(!stdout.contains("app-extra"), "{}", text(&o));
+    // Validity printed as SPIRE's `api fetch x509` prints it, for the SVID and its CA.
+    for line in [
+        "SVID Valid After:\t20",
+        "SVID Valid Until:\t20",
+        "CA #1 Valid After:\t20",
+        "CA #1 Valid Until:\t20",
+    ] {
+        assert!(stdout.contains(line), "{line:?} in {}", text(&o));
+    }
+    assert!(stdout.contains(" +0000 UTC\n"), "{}", text(&o));
 
     // Another uid gets nothing.
     let o = tokio::task::spawn_blocking(move || {

@@ -126,6 +126,21 @@ async fn t80_fetch_and_validate_jwt_and_bundles() {
         assert!(stdout.contains(needle), "{needle}: {}", show(&o));
     }
 
+    // The X509-SVID with the federated bundle its entry asks for: each CA's validity under
+    // its trust domain, as SPIRE prints it.
+    let o = cli(args(&["api", "fetch", "x509"]), env.clone()).await;
+    assert!(o.status.success(), "{}", show(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    for needle in [
+        "SPIFFE ID:\t\tspiffe://example.org/cli\n",
+        "SVID Valid After:\t20",
+        "CA #1 Valid Until:\t20",
+        &format!("[{FED_TD}] CA #1 Valid After:\t20"),
+        &format!("[{FED_TD}] CA #1 Valid Until:\t20"),
+    ] {
+        assert!(stdout.contains(needle), "{needle:?}: {}", show(&o));
+    }
+
     // No socket anywhere: a clear error, not a hang.
     let o = cli(
         args(&[

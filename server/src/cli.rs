@@ -485,18 +485,8 @@ fn ttl_text(t: i32) -> String {
 /// Unix seconds as SPIRE's CLI prints a time (Go's `time.Time` in UTC:
 /// `2026-12-04 18:23:13 +0000 UTC`); the number itself if it is out of range.
 fn go_time(secs: i64) -> String {
-    match time::OffsetDateTime::from_unix_timestamp(secs) {
-        Ok(t) => format!(
-            "{:04}-{:02}-{:02} {:02}:{:02}:{:02} +0000 UTC",
-            t.year(),
-            u8::from(t.month()),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second()
-        ),
-        Err(_) => secs.to_string(),
-    }
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .map_or_else(|_| secs.to_string(), plinth_spiffe::x509::display_time)
 }
 
 fn print_entry(e: &pb::Entry) {

@@ -986,6 +986,27 @@ pub fn cert_not_after(der: &[u8]) -> Result<OffsetDateTime, X509Error> {
     Ok(asn1_time(&cert.validity().not_after))
 }
 
+/// The notBefore of a certificate.
+pub fn cert_not_before(der: &[u8]) -> Result<OffsetDateTime, X509Error> {
+    let cert = parse_cert(der, 0)?;
+    Ok(asn1_time(&cert.validity().not_before))
+}
+
+/// A time as SPIRE's command-line tools print certificate and expiry times (Go's `time.Time`
+/// in UTC): `2026-12-04 18:23:13 +0000 UTC`.
+pub fn display_time(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02} +0000 UTC",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
 /// Splits concatenated DER certificates (the Workload API's chain encoding).
 pub fn split_der_concat(mut bytes: &[u8]) -> Result<Vec<Vec<u8>>, X509Error> {
     let mut out = Vec::new();

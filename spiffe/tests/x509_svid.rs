@@ -92,6 +92,27 @@ fn t12_ttl_is_clamped_to_the_ca() {
         .unwrap();
     assert_eq!(s.not_after, ca.not_after(), "SVID never outlives its CA");
     assert_eq!(x509::cert_not_after(s.leaf()).unwrap(), ca.not_after());
+    // Backdated as SPIRE backdates, and both ends print as SPIRE's CLI prints them.
+    let not_before = x509::cert_not_before(s.leaf()).unwrap();
+    assert_eq!(not_before, now() - x509::BACKDATE);
+    assert_eq!(
+        x509::display_time(not_before),
+        "2030-03-17 17:46:30 +0000 UTC"
+    );
+}
+
+#[test]
+fn t12_times_display_in_utc_whatever_their_offset() {
+    let two_hours_east = time::UtcOffset::from_hms(2, 0, 0).unwrap();
+    assert_eq!(x509::display_time(now()), "2030-03-17 17:46:40 +0000 UTC");
+    assert_eq!(
+        x509::display_time(now().to_offset(two_hours_east)),
+        "2030-03-17 17:46:40 +0000 UTC"
+    );
+    assert_eq!(
+        x509::display_time(OffsetDateTime::UNIX_EPOCH),
+        "1970-01-01 00:00:00 +0000 UTC"
+    );
 }
 
 #[test]
