@@ -35,6 +35,15 @@ fn show(o: &Output) -> String {
     )
 }
 
+/// The command succeeded and its output holds every one of `needles`.
+fn assert_prints(o: &Output, needles: &[&str]) {
+    assert!(o.status.success(), "{}", show(o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    for needle in needles {
+        assert!(stdout.contains(needle), "{needle:?}: {}", show(o));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t80_fetch_and_validate_jwt_and_bundles() {
     let h = Harness::start().await;
@@ -114,32 +123,30 @@ async fn t80_fetch_and_validate_jwt_and_bundles() {
     );
 
     let o = cli(args(&["api", "fetch", "bundles"]), env.clone()).await;
-    assert!(o.status.success(), "{}", show(&o));
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    for needle in [
-        "X.509 bundle of example.org",
-        "X.509 bundle of partner.test",
-        "JWT bundle of example.org",
-        JWT_KID,
-        "BEGIN CERTIFICATE",
-    ] {
-        assert!(stdout.contains(needle), "{needle}: {}", show(&o));
-    }
+    assert_prints(
+        &o,
+        &[
+            "X.509 bundle of example.org",
+            "X.509 bundle of partner.test",
+            "JWT bundle of example.org",
+            JWT_KID,
+            "BEGIN CERTIFICATE",
+        ],
+    );
 
     // The X509-SVID with the federated bundle its entry asks for: each CA's validity under
     // its trust domain, as SPIRE prints it.
     let o = cli(args(&["api", "fetch", "x509"]), env.clone()).await;
-    assert!(o.status.success(), "{}", show(&o));
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    for needle in [
-        "SPIFFE ID:\t\tspiffe://example.org/cli\n",
-        "SVID Valid After:\t20",
-        "CA #1 Valid Until:\t20",
-        &format!("[{FED_TD}] CA #1 Valid After:\t20"),
-        &format!("[{FED_TD}] CA #1 Valid Until:\t20"),
-    ] {
-        assert!(stdout.contains(needle), "{needle:?}: {}", show(&o));
-    }
+    assert_prints(
+        &o,
+        &[
+            "SPIFFE ID:\t\tspiffe://example.org/cli\n",
+            "SVID Valid After:\t20",
+            "CA #1 Valid Until:\t20",
+            &format!("[{FED_TD}] CA #1 Valid After:\t20"),
+            &format!("[{FED_TD}] CA #1 Valid Until:\t20"),
+        ],
+    );
 
     // No socket anywhere: a clear error, not a hang.
     let o = cli(
