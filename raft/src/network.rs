@@ -551,7 +551,9 @@ impl RaftGrpc {
         tracing::trace!(bytes = payload.data.len(), "append_entries received");
         let req: AppendEntriesRequest<TypeConfig> = unpack(payload)?;
         self.heard(&req.vote);
-        pack(&self.inner.raft.append_entries(req).await)
+        let answer = self.inner.raft.append_entries(req).await;
+        tracing::trace!("append_entries answered");
+        pack(&answer)
     }
 }
 
