@@ -2,7 +2,7 @@
  * What one message between two processes costs on this machine: a TCP round trip on
  * loopback (900 bytes out, 100 back, about an AppendEntries and its answer), between a parent
  * and a child that each block in read() until the other writes.
- * docs/benchmarks.md ("Log sync time beside etcd's; where a 1-client write's time goes").
+ * docs/benchmarks.md ("Log sync time beside etcd's; where a 1-client write's time goes; the apply yields").
  *
  *   gcc -O2 -o wake chaos-tests/tools/wake.c
  *   ./wake [SPINNERS]                  # the two processes on whichever CPUs the kernel picks
