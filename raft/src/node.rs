@@ -513,6 +513,9 @@ where
     unpack(reply.get_ref()).map_err(|s| unreachable(s.to_string()))
 }
 
+/// How long shutdown waits for the state-machine worker to let go of the database.
+const SM_CLOSE_WAIT: Duration = Duration::from_secs(10);
+
 /// One node of the cluster. Dropping it without [`RaftNode::shutdown`] leaves tasks running
 /// until the runtime ends.
 #[derive(Debug)]
@@ -525,6 +528,9 @@ pub struct RaftNode {
     watchdog: tokio::task::AbortHandle,
     /// Sends a held-back commit index on ([`crate::leader_sync`]).
     commit_pusher: Option<tokio::task::AbortHandle>,
+    /// Completes when openraft's state-machine worker has dropped the state machine, and with
+    /// it its handle on the database ([`StateMachine::with_close_signal`]).
+    sm_closed: Option<oneshot::Receiver<()>>,
 }
 
 impl RaftNode {
@@ -546,6 +552,7 @@ impl RaftNode {
             log_store = log_store.with_leader_sync(config.node_id, sync.clone());
             sm = sm.with_leader_sync(sync.clone());
         }
+        let (sm, sm_closed) = sm.with_close_signal();
         let flusher = log_store.flusher();
         let network = Network {
             tls: config.tls.as_ref().map(|t| t.client.clone()),
@@ -648,6 +655,7 @@ impl RaftNode {
             server: Some(server),
             watchdog,
             commit_pusher,
+            sm_closed: Some(sm_closed),
         })
     }
 
@@ -908,6 +916,14 @@ impl RaftNode {
             .map_err(|e| NodeError::Raft(e.to_string()))?;
         // A log sync may still be running; it holds the database open.
         self.inner.flusher.wait_idle().await;
+        // So may the state-machine worker, which openraft's shutdown does not wait for: a node
+        // reopened at once in the same process would find the database locked. Bounded, so a
+        // worker that never ends cannot hold shutdown up.
+        if let Some(closed) = self.sm_closed.take() {
+            if tokio::time::timeout(SM_CLOSE_WAIT, closed).await.is_err() {
+                tracing::warn!("the state machine was still open when shutdown went on");
+            }
+        }
         self.inner.stopping.send_replace(true);
         if let Some(stop) = self.stop_server.take() {
             let _ = stop.send(());

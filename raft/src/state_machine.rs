@@ -29,7 +29,7 @@ use openraft::{AnyError, EntryPayload, OptionalSend, RaftSnapshotBuilder, Storag
 use plinth_storage::codec::{b64, decode, encode};
 use plinth_storage::{Change, ChangeEvent, Response, Store};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, watch, Mutex};
+use tokio::sync::{broadcast, oneshot, watch, Mutex};
 
 use crate::types::{
     Entry, LogId, NodeId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
@@ -94,6 +94,9 @@ pub struct StateMachine {
     /// ([`StateMachine::with_trust_watch`]).
     trust: Option<watch::Sender<u64>>,
     snapshots: Arc<SnapshotShared>,
+    /// Dropped with the state machine, which tells [`StateMachine::with_close_signal`]'s
+    /// receiver that this handle on the database is gone.
+    _closed: Option<oneshot::Sender<()>>,
 }
 
 #[derive(Debug, Default)]
@@ -117,6 +120,7 @@ impl StateMachine {
             changes,
             trust: None,
             snapshots: Arc::default(),
+            _closed: None,
         })
     }
 
@@ -126,6 +130,15 @@ impl StateMachine {
     pub fn with_trust_watch(mut self, trust: watch::Sender<u64>) -> Self {
         self.trust = Some(trust);
         self
+    }
+
+    /// A receiver that completes once this state machine is dropped. openraft runs the state
+    /// machine on a worker task that its shutdown does not wait for, and the state machine
+    /// holds the database open: a node reopened in the same process waits for this first.
+    pub fn with_close_signal(mut self) -> (Self, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        self._closed = Some(tx);
+        (self, rx)
     }
 
     /// Applies an entry only once no early-reported append of the leader's holds it unsynced.

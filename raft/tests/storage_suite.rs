@@ -169,3 +169,30 @@ mod trust_watch {
         assert_eq!(*trust.borrow_and_update(), 3, "to that change's revision");
     }
 }
+
+mod close_signal {
+    use super::*;
+
+    /// The signal a node's shutdown waits for: it completes when the state machine, and with
+    /// it its handle on the database, is dropped, and not before.
+    #[tokio::test]
+    async fn t40_the_close_signal_completes_when_the_state_machine_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("db")).unwrap();
+        let (tx, _) = tokio::sync::broadcast::channel(16);
+        let (sm, mut closed) = StateMachine::open(store, tx).unwrap().with_close_signal();
+        assert_eq!(
+            closed.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty),
+            "open"
+        );
+        drop(sm);
+        assert_eq!(
+            closed.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed),
+            "dropped"
+        );
+        // With every handle gone the database opens again at once.
+        Store::open(dir.path().join("db")).unwrap();
+    }
+}
