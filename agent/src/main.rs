@@ -22,7 +22,7 @@ use plinth_api::workload::{
     JwtBundlesRequest, JwtsvidRequest, ValidateJwtsvidRequest, X509BundlesRequest, X509svidRequest,
     X509svidResponse, ENDPOINT_SOCKET_ENV,
 };
-use plinth_spiffe::x509::{cert_not_after, cert_not_before, display_time};
+use plinth_spiffe::x509::{cert_validity, display_time};
 use plinth_spiffe::BundleSet;
 
 /// Where `plinth-agent api` looks for the socket when neither `-socketPath` nor
@@ -235,14 +235,13 @@ fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     Ok(())
 }
 
-/// A certificate's notBefore (or notAfter, with `until`) as SPIRE prints it.
-fn validity(der: &[u8], until: bool) -> Result<String> {
-    let t = if until {
-        cert_not_after(der)?
-    } else {
-        cert_not_before(der)?
-    };
-    Ok(display_time(t))
+/// A certificate's validity as SPIRE's `api fetch x509` prints it: `<label> Valid After:` and
+/// `<label> Valid Until:` lines.
+fn print_validity(label: &str, der: &[u8]) -> Result<()> {
+    let (after, until) = cert_validity(der)?;
+    println!("{label} Valid After:\t{}", display_time(after));
+    println!("{label} Valid Until:\t{}", display_time(until));
+    Ok(())
 }
 
 fn print_svids(resp: &X509svidResponse, write: Option<&Path>, silent: bool) -> Result<()> {
@@ -259,29 +258,16 @@ fn print_svids(resp: &X509svidResponse, write: Option<&Path>, silent: bool) -> R
                 println!("Hint:\t\t\t{}", svid.hint);
             }
             // As SPIRE's `api fetch x509` prints them: each certificate's validity.
-            println!("SVID Valid After:\t{}", validity(&svid.chain[0], false)?);
-            println!("SVID Valid Until:\t{}", validity(&svid.chain[0], true)?);
+            print_validity("SVID", &svid.chain[0])?;
             for (n, c) in svid.chain.iter().skip(1).enumerate() {
-                println!(
-                    "Intermediate #{} Valid After:\t{}",
-                    n + 1,
-                    validity(c, false)?
-                );
-                println!(
-                    "Intermediate #{} Valid Until:\t{}",
-                    n + 1,
-                    validity(c, true)?
-                );
+                print_validity(&format!("Intermediate #{}", n + 1), c)?;
             }
             for (n, c) in svid.bundle.iter().enumerate() {
-                println!("CA #{} Valid After:\t{}", n + 1, validity(c, false)?);
-                println!("CA #{} Valid Until:\t{}", n + 1, validity(c, true)?);
+                print_validity(&format!("CA #{}", n + 1), c)?;
             }
             for b in federated.iter() {
                 for (n, c) in b.x509_authorities().iter().enumerate() {
-                    let td = b.trust_domain();
-                    println!("[{td}] CA #{} Valid After:\t{}", n + 1, validity(c, false)?);
-                    println!("[{td}] CA #{} Valid Until:\t{}", n + 1, validity(c, true)?);
+                    print_validity(&format!("[{}] CA #{}", b.trust_domain(), n + 1), c)?;
                 }
             }
             println!();

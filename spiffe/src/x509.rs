@@ -986,10 +986,11 @@ pub fn cert_not_after(der: &[u8]) -> Result<OffsetDateTime, X509Error> {
     Ok(asn1_time(&cert.validity().not_after))
 }
 
-/// The notBefore of a certificate.
-pub fn cert_not_before(der: &[u8]) -> Result<OffsetDateTime, X509Error> {
+/// The notBefore and notAfter of a certificate, from one parse.
+pub fn cert_validity(der: &[u8]) -> Result<(OffsetDateTime, OffsetDateTime), X509Error> {
     let cert = parse_cert(der, 0)?;
-    Ok(asn1_time(&cert.validity().not_before))
+    let v = cert.validity();
+    Ok((asn1_time(&v.not_before), asn1_time(&v.not_after)))
 }
 
 /// A time as SPIRE's command-line tools print certificate and expiry times (Go's `time.Time`

@@ -93,8 +93,9 @@ fn t12_ttl_is_clamped_to_the_ca() {
     assert_eq!(s.not_after, ca.not_after(), "SVID never outlives its CA");
     assert_eq!(x509::cert_not_after(s.leaf()).unwrap(), ca.not_after());
     // Backdated as SPIRE backdates, and both ends print as SPIRE's CLI prints them.
-    let not_before = x509::cert_not_before(s.leaf()).unwrap();
+    let (not_before, not_after) = x509::cert_validity(s.leaf()).unwrap();
     assert_eq!(not_before, now() - x509::BACKDATE);
+    assert_eq!(not_after, ca.not_after());
     assert_eq!(
         x509::display_time(not_before),
         "2030-03-17 17:46:30 +0000 UTC"
