@@ -90,6 +90,29 @@ struct Args {
     /// Keep the work directory (data and each server's log) after the run, and print its path.
     #[arg(long)]
     keep_work_dir: bool,
+    /// Which system runs first in each (round, concurrency) pair of cells: `plinth-first`,
+    /// `etcd-first`, or `alternate` (plinth first in odd rounds, etcd first in even ones), to
+    /// see whether a cell's place in the run moves its figures.
+    #[arg(long, value_enum, default_value_t = Order::PlinthFirst)]
+    order: Order,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Order {
+    PlinthFirst,
+    EtcdFirst,
+    Alternate,
+}
+
+impl Order {
+    /// Whether etcd's cell comes before plinth's in round `r` (0-based).
+    fn etcd_first(self, r: usize) -> bool {
+        match self {
+            Order::PlinthFirst => false,
+            Order::EtcdFirst => true,
+            Order::Alternate => r % 2 == 1,
+        }
+    }
 }
 
 /// One client's connection to one system.
@@ -122,6 +145,9 @@ struct Stats {
     cpu: Duration,
     /// Their threads' voluntary context switches over the cell (`procs::Proc::voluntary_switches`).
     switches: u64,
+    /// Bytes the three server processes caused to be written to storage over the cell
+    /// (`procs::Proc::disk_written`).
+    disk_written: u64,
     /// The log syncs (fsyncs of the write-ahead log) of the three servers over the cell, and
     /// their total time in microseconds, as each system reports them.
     syncs: u64,
@@ -145,6 +171,12 @@ impl Stats {
         self.switches as f64 / self.sent.max(1) as f64
     }
 
+    /// KB written to storage per write sent: the log, the state and their tables as each
+    /// system lays them out (what both compete for on one disk).
+    fn disk_kb_per_write(&self) -> f64 {
+        self.disk_written as f64 / 1024.0 / self.sent.max(1) as f64
+    }
+
     /// The mean time of one log sync over the cell, in ms: the disk's share of a write, which
     /// is the same for both systems on a shared disk unless one syncs differently.
     fn sync_ms(&self) -> f64 {
@@ -163,6 +195,7 @@ impl Stats {
             all.seconds += s.seconds;
             all.cpu += s.cpu;
             all.switches += s.switches;
+            all.disk_written += s.disk_written;
             all.syncs += s.syncs;
             all.sync_micros += s.sync_micros;
             all.latencies.extend_from_slice(&s.latencies);
@@ -194,7 +227,7 @@ async fn run_load_used(
     let before = usage();
     let mut s = run_load(clients, seconds).await;
     let used = usage().since(before);
-    (s.cpu, s.switches) = (used.cpu, used.switches);
+    (s.cpu, s.switches, s.disk_written) = (used.cpu, used.switches, used.disk_written);
     s
 }
 
@@ -296,7 +329,8 @@ async fn main() -> anyhow::Result<()> {
     println!();
     println!(
         "| clients | system | writes/s | p50 ms | p99 ms | errors | server CPU ms/write | \
-         server thread switches/write | log sync ms (mean) |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+         server thread switches/write | log sync ms (mean) | disk KB written/write |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let mut results = Vec::new();
     let mut batching = Vec::new();
@@ -305,38 +339,47 @@ async fn main() -> anyhow::Result<()> {
         for (i, &n) in args.concurrency.iter().enumerate() {
             // Unique per cell, so no two cells write the same keys.
             let cell = r * cells + i;
-            let leader = pc.leader().await?;
-            let target = if args.via_follower {
-                pc.follower_of(leader)?
+            let systems = if args.order.etcd_first(r) {
+                ["etcd", "plinth"]
             } else {
-                leader
+                ["plinth", "etcd"]
             };
-            let mut clients = Vec::new();
-            for c in 0..n {
-                let w =
-                    plinth::Writer::connect(&pc.socket(target), cell, c, args.value_size).await?;
-                clients.push(Client::Plinth(w));
-            }
-            let before = pc.applied_index(leader).await?;
-            let syncs = pc.log_syncs(leader).await?;
-            let mut s = run_load_used(clients, args.seconds, || pc.usage()).await;
-            let entries = pc.applied_index(leader).await?.saturating_sub(before);
-            (s.syncs, s.sync_micros) = since(pc.log_syncs(leader).await?, syncs);
-            print_row(n, "plinth", &s);
-            batching.push((n, s.sent, entries));
-            results.push(("plinth", n, s));
-            if let Some(ec) = &ec {
-                let endpoint = ec.leader_endpoint().await?;
-                let mut clients = Vec::new();
-                for c in 0..n {
-                    let w = etcd::Writer::connect(&endpoint, cell, c, args.value_size).await?;
-                    clients.push(Client::Etcd(w));
+            for system in systems {
+                if system == "plinth" {
+                    let leader = pc.leader().await?;
+                    let target = if args.via_follower {
+                        pc.follower_of(leader)?
+                    } else {
+                        leader
+                    };
+                    let mut clients = Vec::new();
+                    for c in 0..n {
+                        let w =
+                            plinth::Writer::connect(&pc.socket(target), cell, c, args.value_size)
+                                .await?;
+                        clients.push(Client::Plinth(w));
+                    }
+                    let before = pc.applied_index(leader).await?;
+                    let syncs = pc.log_syncs(leader).await?;
+                    let mut s = run_load_used(clients, args.seconds, || pc.usage()).await;
+                    let entries = pc.applied_index(leader).await?.saturating_sub(before);
+                    (s.syncs, s.sync_micros) = since(pc.log_syncs(leader).await?, syncs);
+                    print_row(n, "plinth", &s);
+                    batching.push((n, s.sent, entries));
+                    results.push(("plinth", n, s));
+                } else if let Some(ec) = &ec {
+                    let endpoint = ec.leader_endpoint().await?;
+                    let mut clients = Vec::new();
+                    for c in 0..n {
+                        let w = etcd::Writer::connect(&endpoint, cell, c, args.value_size).await?;
+                        clients.push(Client::Etcd(w));
+                    }
+                    let syncs = ec.wal_fsyncs().await?;
+                    let mut s = run_load_used(clients, args.seconds, || ec.usage()).await;
+                    (s.syncs, s.sync_micros) = since(ec.wal_fsyncs().await?, syncs);
+                    print_row(n, "etcd", &s);
+                    results.push(("etcd", n, s));
                 }
-                let syncs = ec.wal_fsyncs().await?;
-                let mut s = run_load_used(clients, args.seconds, || ec.usage()).await;
-                (s.syncs, s.sync_micros) = since(ec.wal_fsyncs().await?, syncs);
-                print_row(n, "etcd", &s);
-                results.push(("etcd", n, s));
             }
         }
     }
@@ -366,7 +409,7 @@ async fn main() -> anyhow::Result<()> {
                     "{n} client(s), {} round(s) pooled: plinth {:.0} vs etcd {:.0} writes/s, \
                      throughput {:.2}x, p99 {} ms vs {} ms: target {}; server CPU per write \
                      {:.3} vs {:.3} ms, thread switches per write {:.1} vs {:.1}, log sync \
-                     {:.3} vs {:.3} ms mean",
+                     {:.3} vs {:.3} ms mean, disk written per write {:.1} vs {:.1} KB",
                     args.rounds,
                     p.rate(),
                     e.rate(),
@@ -379,7 +422,9 @@ async fn main() -> anyhow::Result<()> {
                     p.switches_per_write(),
                     e.switches_per_write(),
                     p.sync_ms(),
-                    e.sync_ms()
+                    e.sync_ms(),
+                    p.disk_kb_per_write(),
+                    e.disk_kb_per_write()
                 );
             }
         }
@@ -428,14 +473,15 @@ async fn main() -> anyhow::Result<()> {
 
 fn print_row(n: usize, system: &str, s: &Stats) {
     println!(
-        "| {n} | {system} | {:.0} | {} | {} | {} | {:.3} | {:.1} | {:.3} |",
+        "| {n} | {system} | {:.0} | {} | {} | {} | {:.3} | {:.1} | {:.3} | {:.1} |",
         s.rate(),
         ms(quantile(&s.latencies, 0.5)),
         ms(quantile(&s.latencies, 0.99)),
         s.errors,
         s.cpu_per_write(),
         s.switches_per_write(),
-        s.sync_ms()
+        s.sync_ms(),
+        s.disk_kb_per_write()
     );
 }
 
@@ -446,4 +492,46 @@ fn since(after: (u64, u64), before: (u64, u64)) -> (u64, u64) {
         after.0.saturating_sub(before.0),
         after.1.saturating_sub(before.1),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::ValueEnum;
+
+    #[test]
+    fn order_puts_etcd_first_as_named() {
+        for r in 0..4 {
+            assert!(!Order::PlinthFirst.etcd_first(r));
+            assert!(Order::EtcdFirst.etcd_first(r));
+        }
+        // Alternate: round 1 (r = 0) plinth first, round 2 etcd first, and so on.
+        let alternate: Vec<bool> = (0..4).map(|r| Order::Alternate.etcd_first(r)).collect();
+        assert_eq!(alternate, [false, true, false, true]);
+    }
+
+    #[test]
+    fn order_parses_its_cli_names() {
+        for (name, want) in [
+            ("plinth-first", Order::PlinthFirst),
+            ("etcd-first", Order::EtcdFirst),
+            ("alternate", Order::Alternate),
+        ] {
+            assert_eq!(Order::from_str(name, false), Ok(want));
+        }
+        assert!(Order::from_str("random", false).is_err());
+    }
+
+    #[test]
+    fn disk_kb_per_write_divides_bytes_by_writes() {
+        let s = Stats {
+            sent: 4,
+            disk_written: 8 * 1024,
+            ..Stats::default()
+        };
+        assert_eq!(s.disk_kb_per_write(), 2.0);
+        let pooled = Stats::pooled([&s, &s].into_iter()).expect("two rounds");
+        assert_eq!(pooled.disk_written, 16 * 1024);
+        assert_eq!(pooled.disk_kb_per_write(), 2.0);
+    }
 }
