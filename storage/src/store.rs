@@ -187,6 +187,18 @@ impl Store {
         // memtable flush then writes all column families at one point, so the state on disk is
         // always that of one applied log index.
         opts.set_atomic_flush(true);
+        // Memtable flushes and compactions run at the lowest CPU priority (nice 19). On a
+        // server with few cores, a burst of them (the state a heavy spell applied, flushed at
+        // the next snapshot point) otherwise holds a core just when a Raft thread is woken for
+        // the next message, and every write waits a little longer. At nice 19 they still use
+        // every idle cycle; if the foreground kept all cores busy for long, full memtables
+        // would stall writes until the flush ran, so they cannot fall behind for good. Their IO
+        // keeps its normal class: an idle IO class could starve a flush behind the log's syncs.
+        // Measured in docs/benchmarks.md ("Background jobs at nice 19").
+        let mut env = rocksdb::Env::new()?;
+        env.lower_thread_pool_cpu_priority();
+        env.lower_high_priority_thread_pool_cpu_priority();
+        opts.set_env(&env);
         let cfs = [CF_RAFT_LOG, CF_RAFT_META, CF_SNAPSHOT]
             .into_iter()
             .chain(STATE_CFS)
@@ -885,5 +897,53 @@ mod tests {
         assert_eq!(store.legacy_snapshot_get().unwrap(), None);
         let file = store.snapshot_get().unwrap().unwrap();
         assert_eq!((file.meta, file.data), (b"meta".to_vec(), b"data".to_vec()));
+    }
+
+    /// The nice value of each of this process's threads named `name`, from
+    /// `/proc/self/task/<tid>/stat` (the 19th field).
+    fn nice_of_threads(name: &str) -> Vec<i64> {
+        let mut out = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap() {
+            let task = task.unwrap().path();
+            let Ok(comm) = std::fs::read_to_string(task.join("comm")) else {
+                continue;
+            };
+            if comm.trim() != name {
+                continue;
+            }
+            let stat = std::fs::read_to_string(task.join("stat")).unwrap();
+            let rest = &stat[stat.rfind(')').unwrap() + 1..];
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            out.push(fields[16].parse().unwrap());
+        }
+        out
+    }
+
+    fn own_nice() -> String {
+        let me = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        let rest = &me[me.rfind(')').unwrap() + 1..];
+        rest.split_whitespace().nth(16).unwrap().to_owned()
+    }
+
+    #[test]
+    fn flushes_and_compactions_run_at_nice_19() {
+        let nice_before = own_nice();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let cf = store.cf(CF_ENTRIES).unwrap();
+        store.db.put_cf(cf, b"a", b"1").unwrap();
+        // A flush runs on the high-priority pool, a manual compaction on the low one.
+        store.persist_state().unwrap();
+        store.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+        // A pool thread lowers its own priority before the first job it runs.
+        for name in ["rocksdb:high", "rocksdb:low"] {
+            let nices = nice_of_threads(name);
+            assert!(
+                nices.contains(&19),
+                "{name} threads' nice values: {nices:?}"
+            );
+        }
+        // The caller's own thread is not touched.
+        assert_eq!(own_nice(), nice_before);
     }
 }
