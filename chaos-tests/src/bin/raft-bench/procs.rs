@@ -70,8 +70,9 @@ impl Proc {
     }
 
     /// Bytes the process has caused to be written to storage so far (`write_bytes` in
-    /// `/proc/<pid>/io`: data, logs and tables, counted when the page cache writes them back
-    /// or the process syncs them), or `None` once it is gone.
+    /// `/proc/<pid>/io`), or `None` once it is gone. The kernel counts a buffered write when it
+    /// dirties a page-cache page (a whole page: a small append to a page that a sync just
+    /// cleaned counts 4 KiB again) and a direct write when it is issued.
     pub fn disk_written(&self) -> Option<u64> {
         let pid = self.child.as_ref()?.id();
         let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
@@ -138,8 +139,8 @@ pub fn usage<'a>(procs: impl IntoIterator<Item = &'a Proc>) -> Usage {
 mod tests {
     use super::*;
 
-    /// A child that writes 4 MiB with O_DIRECT (so the bytes reach the disk, not only the page
-    /// cache, before it exits) is counted for at least those bytes while it is still there.
+    /// A child that writes 4 MiB with O_DIRECT (counted as issued, whatever the page cache
+    /// holds) is counted for at least those bytes while it is still there.
     #[test]
     fn disk_written_counts_a_childs_direct_writes() {
         let dir = tempfile::tempdir_in("/var/tmp").expect("temp dir");
