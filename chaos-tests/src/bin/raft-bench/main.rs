@@ -91,8 +91,8 @@ struct Args {
     #[arg(long)]
     keep_work_dir: bool,
     /// Which system runs first in each (round, concurrency) pair of cells: `plinth-first`,
-    /// `etcd-first`, or `alternate` (plinth first in odd rounds, etcd first in even ones), to
-    /// see whether a cell's place in the run moves its figures.
+    /// `etcd-first`, or `alternate` (plinth first in rounds 1, 3, ..., etcd first in rounds 2,
+    /// 4, ...), to see whether a cell's place in the run moves its figures.
     #[arg(long, value_enum, default_value_t = Order::PlinthFirst)]
     order: Order,
 }
