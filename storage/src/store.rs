@@ -195,6 +195,8 @@ impl Store {
         // would stall writes until the flush ran, so they cannot fall behind for good. Their IO
         // keeps its normal class: an idle IO class could starve a flush behind the log's syncs.
         // Measured in docs/benchmarks.md ("Background jobs at nice 19").
+        // (RocksDB's default environment is one per process, so this holds for every store
+        // the process opens; lowering it again is a no-op.)
         let mut env = rocksdb::Env::new()?;
         env.lower_thread_pool_cpu_priority();
         env.lower_high_priority_thread_pool_cpu_priority();
@@ -899,8 +901,7 @@ mod tests {
         assert_eq!((file.meta, file.data), (b"meta".to_vec(), b"data".to_vec()));
     }
 
-    /// The nice value of each of this process's threads named `name`, from
-    /// `/proc/self/task/<tid>/stat` (the 19th field).
+    /// The nice value of each of this process's threads named `name`.
     fn nice_of_threads(name: &str) -> Vec<i64> {
         let mut out = Vec::new();
         for task in std::fs::read_dir("/proc/self/task").unwrap() {
@@ -911,18 +912,21 @@ mod tests {
             if comm.trim() != name {
                 continue;
             }
-            let stat = std::fs::read_to_string(task.join("stat")).unwrap();
-            let rest = &stat[stat.rfind(')').unwrap() + 1..];
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            out.push(fields[16].parse().unwrap());
+            out.push(nice_in_stat(&task.join("stat")));
         }
         out
     }
 
-    fn own_nice() -> String {
-        let me = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-        let rest = &me[me.rfind(')').unwrap() + 1..];
-        rest.split_whitespace().nth(16).unwrap().to_owned()
+    /// The nice value in a thread's `stat` file: the 17th field after the command name (which
+    /// is in parentheses and may hold spaces), the 19th in all.
+    fn nice_in_stat(path: &Path) -> i64 {
+        let stat = std::fs::read_to_string(path).unwrap();
+        let rest = &stat[stat.rfind(')').unwrap() + 1..];
+        rest.split_whitespace().nth(16).unwrap().parse().unwrap()
+    }
+
+    fn own_nice() -> i64 {
+        nice_in_stat(Path::new("/proc/thread-self/stat"))
     }
 
     #[test]

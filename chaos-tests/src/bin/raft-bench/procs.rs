@@ -60,11 +60,7 @@ impl Proc {
             let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
                 continue;
             };
-            total += status
-                .lines()
-                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .unwrap_or(0);
+            total += field_u64(&status, "voluntary_ctxt_switches:").unwrap_or(0);
         }
         Some(total)
     }
@@ -76,9 +72,7 @@ impl Proc {
     pub fn disk_written(&self) -> Option<u64> {
         let pid = self.child.as_ref()?.id();
         let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
-        io.lines()
-            .find_map(|l| l.strip_prefix("write_bytes:"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
+        field_u64(&io, "write_bytes:")
     }
 
     /// kill -9 and reap.
@@ -94,6 +88,13 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// The number after `key` on the line of a /proc text file (`status`, `io`) that starts with it.
+fn field_u64(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// A port free right now on `ip` (the server binds it with SO_REUSEADDR).
