@@ -155,10 +155,11 @@ impl Proposer {
     }
 }
 
-fn unix_now() -> i64 {
+/// The leader's clock in Unix milliseconds, stamped on each proposal.
+fn unix_now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 pub(crate) fn client_write_error(
@@ -176,11 +177,8 @@ pub(crate) fn client_write_error(
 }
 
 async fn propose_one(raft: &Raft, command: Command) -> Result<Response, ForwardError> {
-    raft.client_write(Proposal {
-        now: unix_now(),
-        command,
-    })
-    .await
+    raft.client_write(Proposal::at_millis(unix_now_ms(), command))
+        .await
     .map(|r| r.data)
     .map_err(client_write_error)
 }
@@ -199,10 +197,10 @@ async fn propose_batch(raft: &Raft, mut batch: Vec<Pending>) {
         batch.into_iter().map(|p| (p.command, p.reply)).unzip();
     let count = commands.len();
     let result = raft
-        .client_write(Proposal {
-            now: unix_now(),
-            command: Command::Batch { commands },
-        })
+        .client_write(Proposal::at_millis(
+            unix_now_ms(),
+            Command::Batch { commands },
+        ))
         .await;
     match result {
         Ok(r) => match r.data.result {

@@ -642,6 +642,57 @@ async fn t70_concurrent_writes_share_log_entries_but_each_gets_its_own_answer() 
     }
 }
 
+/// Entries created without an ID, concurrently and through every node (so forwarded and
+/// batched), get IDs in log order: the order of the revisions apply gave them. Every node
+/// stores the same IDs, and a new leader goes on above the last one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t71_entries_without_ids_are_numbered_in_log_order_on_every_node() {
+    let mut c = Cluster::start(3).await;
+    c.wait_leader().await;
+    let unnamed = |n: u32| {
+        let mut e = entry(n);
+        e.id = String::new();
+        Command::EntryCreate { entry: e }
+    };
+    let results = futures::future::join_all(
+        (0..150u32).map(|n| c.node(u64::from(n % 3 + 1)).write(unnamed(n))),
+    )
+    .await;
+    let mut made: Vec<RegistrationEntry> = results
+        .into_iter()
+        .map(|r| created(r.unwrap()))
+        .collect();
+    made.sort_by_key(|e| e.revision);
+    for e in &made {
+        assert!(plinth_storage::EntryId::parse(&e.id).is_some(), "{}", e.id);
+    }
+    assert!(
+        made.windows(2).all(|p| p[0].id < p[1].id),
+        "IDs follow the log: {:?}",
+        made.iter().map(|e| (&e.id, e.revision)).collect::<Vec<_>>()
+    );
+    let mut by_id = made.clone();
+    by_id.sort_by(|a, b| a.id.cmp(&b.id));
+    for id in 1..=3 {
+        assert_eq!(c.entries(id).await, by_id, "node {id}");
+    }
+    let leader = c.wait_leader().await;
+    c.stop(leader).await;
+    let via = (1..=3).find(|i| *i != leader).unwrap();
+    // (`write` retries through the failover; an attempt that committed unanswered makes the
+    // retry a conflict that names the entry.)
+    let after = match c.write(via, unnamed(150)).await.result {
+        Ok(Outcome::Entry { entry }) => entry.id,
+        Err(plinth_storage::CommandError::EntryConflict { existing_id }) => existing_id,
+        other => panic!("{other:?}"),
+    };
+    let last = &made[made.len() - 1].id;
+    assert!(after > *last, "{after} after {last}");
+    for node in c.nodes.into_iter().flatten() {
+        node.shutdown().await.unwrap();
+    }
+}
+
 /// The leader's last log index, and the last log and applied indexes of every node.
 fn indexes(c: &Cluster) -> Vec<(u64, u64, u64)> {
     c.running()

@@ -45,10 +45,10 @@ mod snapshot_point {
         );
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-            payload: EntryPayload::Normal(Proposal {
-                now: 1_700_000_000,
-                command: Command::EntryCreate { entry },
-            }),
+            payload: EntryPayload::Normal(Proposal::at(
+                1_700_000_000,
+                Command::EntryCreate { entry },
+            )),
         }
     }
 
@@ -127,10 +127,7 @@ mod trust_watch {
     fn entry(index: u64, command: Command) -> Entry<TypeConfig> {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-            payload: EntryPayload::Normal(Proposal {
-                now: 1_700_000_000,
-                command,
-            }),
+            payload: EntryPayload::Normal(Proposal::at(1_700_000_000, command)),
         }
     }
 

@@ -170,10 +170,7 @@ mod tests {
                         Selectors::parse_all(selector_sets[rng.next(4)]).unwrap(),
                     )
                 };
-                let proposal = Proposal {
-                    now,
-                    command: Command::EntryCreate { entry },
-                };
+                let proposal = Proposal::at(now, Command::EntryCreate { entry });
                 store
                     .apply(i + 1, Some(&proposal), &(i + 1).to_be_bytes())
                     .unwrap();

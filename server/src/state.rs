@@ -117,10 +117,9 @@ impl Replicated for LocalState {
 
     async fn propose(&self, command: Command) -> Result<Response, StateError> {
         let mut idx = self.next_index.lock().unwrap_or_else(|p| p.into_inner());
-        let proposal = plinth_storage::Proposal {
-            now: self.clock.now().unix_timestamp(),
-            command,
-        };
+        let now = self.clock.now();
+        let now_ms = i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
+        let proposal = plinth_storage::Proposal::at_millis(now_ms, command);
         let applied = self
             .store
             .apply(*idx, Some(&proposal), &[])

@@ -262,9 +262,14 @@ async fn t11_batch_create_answers_each_entry_in_order() {
         .message
         .contains("reserved"));
     assert_eq!(codes.iter().filter(|c| **c == 0).count(), 1200);
+    let mut last_id = String::new();
     for (res, sent) in r.results.iter().zip(&entries) {
         if let Some(e) = &res.entry {
             assert_eq!(e.spiffe_id, sent.spiffe_id, "results keep request order");
+            // Apply numbered them in request order (version 7 UUIDs, plinth_storage::entry_id).
+            assert!(plinth_storage::EntryId::parse(&e.id).is_some(), "{}", e.id);
+            assert!(e.id > last_id, "{} after {last_id}", e.id);
+            last_id.clone_from(&e.id);
         }
     }
     assert_eq!(count(&ch).await, 1200);

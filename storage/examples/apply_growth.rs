@@ -65,10 +65,7 @@ fn main() -> Result<(), Box<dyn Error>> {
                 entry.hint = "x".repeat(150);
                 commands.push(Command::EntryCreate { entry });
             }
-            let proposal = Proposal {
-                now: 1_000,
-                command: Command::Batch { commands },
-            };
+            let proposal = Proposal::at(1_000, Command::Batch { commands });
             store.apply(log_index, Some(&proposal), &log_index.to_be_bytes())?;
         }
         let per_entry = started.elapsed().as_secs_f64() * 1e6 / (PER_ROUND / BATCH * BATCH) as f64;

@@ -8,6 +8,7 @@
 use rocksdb::WriteBatch;
 
 use crate::command::{Change, ChangeEvent, Command, CommandError, Outcome, Proposal, Response};
+use crate::entry_id::EntryId;
 use crate::model::{
     AttestedAgent, AuthorityStatus, CaAuthority, FederationRelationship, JoinToken,
     RegistrationEntry, StoredBundle, StoredJwtAuthority,
@@ -15,7 +16,7 @@ use crate::model::{
 use crate::store::{
     index_key, Store, CF_AGENTS, CF_BUNDLES, CF_CA_JOURNAL, CF_ENTRIES, CF_ENTRIES_BY_PARENT,
     CF_ENTRIES_BY_SELECTOR, CF_ENTRIES_BY_SPIFFE_ID, CF_FEDERATION, CF_JOIN_TOKENS, CF_SM_META,
-    SM_BATCH_PROGRESS,
+    SM_BATCH_PROGRESS, SM_LAST_ENTRY_ID,
 };
 use crate::StorageError;
 
@@ -51,6 +52,9 @@ struct Txn<'a> {
     /// The revision this entry produces if it changes anything.
     revision: u64,
     now: i64,
+    now_ms: i64,
+    /// The last entry ID made, once read: `Some(None)` if none was ever made.
+    last_entry_id: Option<Option<EntryId>>,
 }
 
 /// Where a partly applied [`Command::Batch`] stopped: the batch at `log_index` has its first
@@ -93,7 +97,7 @@ impl Store {
         };
         let Command::Batch { commands } = &proposal.command else {
             let current = self.revision()?;
-            return self.apply_command(log_index, proposal.now, &proposal.command, current, |b| {
+            return self.apply_command(log_index, proposal, &proposal.command, current, |b| {
                 self.set_applied(b, applied_state)
             });
         };
@@ -122,7 +126,7 @@ impl Store {
             }
             let last = i + 1 == commands.len();
             let applied =
-                self.apply_command(log_index, proposal.now, command, revision, |batch| {
+                self.apply_command(log_index, proposal, command, revision, |batch| {
                     if last {
                         self.delete(batch, CF_SM_META, SM_BATCH_PROGRESS)?;
                         self.set_applied(batch, applied_state)
@@ -160,7 +164,7 @@ impl Store {
     fn apply_command(
         &self,
         log_index: u64,
-        now: i64,
+        proposal: &Proposal,
         command: &Command,
         current: u64,
         finish: impl FnOnce(&mut WriteBatch) -> Result<(), StorageError>,
@@ -170,7 +174,9 @@ impl Store {
             batch: WriteBatch::default(),
             changes: Vec::new(),
             revision: current + 1,
-            now,
+            now: proposal.now,
+            now_ms: proposal.millis(),
+            last_entry_id: None,
         };
         let result = match txn.execute(command) {
             Ok(outcome) => Ok(outcome),
@@ -541,7 +547,50 @@ impl Txn<'_> {
         Ok(Outcome::Entry { entry })
     }
 
+    /// `entry` with its ID: the one it came with, or else the next one in log order, which
+    /// is recorded as the last made. An ID a client already chose is passed over.
+    fn with_id<'e>(
+        &mut self,
+        entry: &'e RegistrationEntry,
+    ) -> Result<std::borrow::Cow<'e, RegistrationEntry>, Fail> {
+        if !entry.id.is_empty() {
+            return Ok(std::borrow::Cow::Borrowed(entry));
+        }
+        let mut last = match self.last_entry_id {
+            Some(last) => last,
+            None => self.stored_last_entry_id()?,
+        };
+        let id = loop {
+            let id = EntryId::next(last, self.now_ms);
+            last = Some(id);
+            let text = id.to_string();
+            if self.store.get_entry(&text)?.is_none() {
+                break text;
+            }
+        };
+        self.last_entry_id = Some(last);
+        self.store
+            .put_typed(&mut self.batch, CF_SM_META, SM_LAST_ENTRY_ID, &id)?;
+        Ok(std::borrow::Cow::Owned(RegistrationEntry {
+            id,
+            ..entry.clone()
+        }))
+    }
+
+    fn stored_last_entry_id(&self) -> Result<Option<EntryId>, StorageError> {
+        self.store
+            .get_typed::<String>(CF_SM_META, SM_LAST_ENTRY_ID)?
+            .map(|text| {
+                EntryId::parse(&text).ok_or_else(|| StorageError::Corrupt {
+                    table: CF_SM_META,
+                    reason: format!("the last entry ID {text:?} is not a version 7 UUID"),
+                })
+            })
+            .transpose()
+    }
+
     fn create_entry(&mut self, entry: &RegistrationEntry) -> Result<RegistrationEntry, Fail> {
+        let entry = &*self.with_id(entry)?;
         if self.store.get_entry(&entry.id)?.is_some() {
             return Err(CommandError::EntryIdExists {
                 id: entry.id.clone(),
@@ -559,11 +608,17 @@ impl Txn<'_> {
     /// Each entry is created or refused on its own. The store does not see this log entry's
     /// own writes until it commits, so entries earlier in the batch are checked here.
     fn entry_create_batch(&mut self, entries: &[RegistrationEntry]) -> Result<Outcome, Fail> {
+        // IDs are given first, in request order, so the ones made here follow that order.
+        let entries = entries
+            .iter()
+            .map(|e| self.with_id(e))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut ids = std::collections::HashSet::with_capacity(entries.len());
         let mut created: std::collections::HashMap<&str, Vec<&RegistrationEntry>> =
             std::collections::HashMap::new();
         let mut results = Vec::with_capacity(entries.len());
-        for entry in entries {
+        for entry in &entries {
+            let entry = &**entry;
             let earlier_conflict = created
                 .get(entry.spiffe_id.as_str())
                 .and_then(|v| v.iter().find(|e| e.same_mapping(entry)));
@@ -920,10 +975,7 @@ mod tests {
     }
 
     fn proposal(command: Command) -> Proposal {
-        Proposal {
-            now: 1_000,
-            command,
-        }
+        Proposal::at(1_000, command)
     }
 
     /// Everything but the applied log ID, which differs by construction.

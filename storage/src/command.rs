@@ -14,11 +14,36 @@ use crate::model::{
     StoredBundle, StoredJwtAuthority,
 };
 
-/// A command with the leader's clock reading. `now` is Unix seconds.
+/// A command with the leader's clock reading: `now` in Unix seconds and `now_ms` in Unix
+/// milliseconds (the same instant; entry IDs take their time from it, see
+/// [`crate::entry_id`]). A proposal written without `now_ms` reads as `now` whole seconds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Proposal {
     pub now: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub now_ms: Option<i64>,
     pub command: Command,
+}
+
+impl Proposal {
+    /// `command` stamped at `now_ms` Unix milliseconds.
+    pub fn at_millis(now_ms: i64, command: Command) -> Self {
+        Self {
+            now: now_ms.div_euclid(1000),
+            now_ms: Some(now_ms),
+            command,
+        }
+    }
+
+    /// `command` stamped at `now` whole Unix seconds.
+    pub fn at(now: i64, command: Command) -> Self {
+        Self::at_millis(now.saturating_mul(1000), command)
+    }
+
+    /// The stamp in Unix milliseconds.
+    pub fn millis(&self) -> i64 {
+        self.now_ms.unwrap_or_else(|| self.now.saturating_mul(1000))
+    }
 }
 
 /// Every change to the replicated state.
@@ -26,7 +51,8 @@ pub struct Proposal {
 #[serde(tag = "op", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Command {
-    /// Create an entry. `revision` and `created_at` are set by apply. Refused if the ID exists or
+    /// Create an entry. `revision` and `created_at` are set by apply, and so is `id` if it is
+    /// empty (the next ID in log order, [`crate::entry_id`]). Refused if the ID exists or
     /// another entry has the same SPIFFE ID, parent ID and selectors.
     EntryCreate {
         entry: RegistrationEntry,

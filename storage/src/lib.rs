@@ -13,12 +13,14 @@
 pub mod apply;
 pub mod codec;
 pub mod command;
+pub mod entry_id;
 mod error;
 pub mod model;
 pub mod store;
 pub mod wal_presize;
 
 pub use apply::Applied;
+pub use entry_id::EntryId;
 pub use command::{Change, ChangeEvent, Command, CommandError, Outcome, Proposal, Response};
 pub use error::StorageError;
 pub use model::{

@@ -58,6 +58,8 @@ const SM_REVISION: &[u8] = b"revision";
 const SM_APPLIED: &[u8] = b"applied";
 /// How far a partly applied command batch got (see `Store::apply`).
 pub(crate) const SM_BATCH_PROGRESS: &[u8] = b"batch_progress";
+/// The last entry ID apply made (see `crate::entry_id`).
+pub(crate) const SM_LAST_ENTRY_ID: &[u8] = b"last_entry_id";
 const SNAPSHOT_CURRENT: &[u8] = b"current";
 const SNAPSHOT_MAGIC: &[u8; 4] = b"PLSN";
 const SNAPSHOT_VERSION: u8 = 1;

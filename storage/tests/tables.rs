@@ -35,7 +35,7 @@ impl Db {
         self.index += 1;
         let applied = self.index.to_be_bytes();
         self.store
-            .apply(self.index, Some(&Proposal { now, command }), &applied)
+            .apply(self.index, Some(&Proposal::at(now, command)), &applied)
             .unwrap()
             .response
     }
@@ -270,6 +270,103 @@ fn t20_entry_create_update_delete_maintain_indexes() {
         db.refused(Command::EntryDelete { id: "e1".into() }),
         CommandError::EntryNotFound { id: "e1".into() }
     );
+}
+
+#[test]
+fn t20_entries_without_an_id_are_numbered_in_log_order() {
+    const T: i64 = 1_700_000_000_123; // 0x18bcfe5687b
+    let mut db = Db::new();
+    let w = |n: u32, id: &str| {
+        entry(
+            id,
+            &format!("spiffe://example.org/w/{n}"),
+            "spiffe://example.org/agent",
+            &["unix:uid:1"],
+        )
+    };
+    let made = |r: Response| match r.result {
+        Ok(Outcome::Entry { entry }) => entry.id,
+        other => panic!("{other:?}"),
+    };
+    let create_at = |db: &mut Db, ms: i64, e: RegistrationEntry| {
+        db.index += 1;
+        let applied = db.index.to_be_bytes();
+        let p = Proposal::at_millis(ms, Command::EntryCreate { entry: e });
+        db.store.apply(db.index, Some(&p), &applied).unwrap().response
+    };
+    let base = "018bcfe5-687b-7000-8000-00000000000";
+    // Two in one millisecond: the counter tells them apart.
+    assert_eq!(made(create_at(&mut db, T, w(1, ""))), format!("{base}0"));
+    assert_eq!(made(create_at(&mut db, T, w(2, ""))), format!("{base}1"));
+    // An ID the client chose is kept, even the one the store would make next, which is then
+    // passed over.
+    let chosen = format!("{base}2");
+    assert_eq!(made(create_at(&mut db, T, w(3, &chosen))), chosen);
+    assert_eq!(made(create_at(&mut db, T, w(4, ""))), format!("{base}3"));
+    // A refused create uses up no ID.
+    let before = db.store.revision().unwrap();
+    let r = create_at(&mut db, T, w(1, ""));
+    assert!(matches!(r.result, Err(CommandError::EntryConflict { .. })));
+    assert_eq!(db.store.revision().unwrap(), before);
+    // A batch from a leader whose clock is 10 s behind: IDs keep growing, in command order and
+    // in request order inside an entry batch (a refused item there uses up its ID).
+    db.index += 1;
+    let batch = Proposal::at_millis(
+        T - 10_000,
+        Command::Batch {
+            commands: vec![
+                Command::EntryCreate { entry: w(5, "") },
+                Command::EntryCreateBatch {
+                    entries: vec![w(6, ""), w(6, ""), w(7, "")],
+                },
+            ],
+        },
+    );
+    let applied = db
+        .store
+        .apply(db.index, Some(&batch), &db.index.to_be_bytes())
+        .unwrap();
+    let Ok(Outcome::Batch { responses }) = applied.response.result else {
+        panic!("{:?}", applied.response)
+    };
+    assert_eq!(made(responses[0].clone()), format!("{base}4"));
+    let Ok(Outcome::EntryBatch { results }) = &responses[1].result else {
+        panic!("{:?}", responses[1])
+    };
+    assert_eq!(results[0].as_ref().unwrap().id, format!("{base}5"));
+    assert!(matches!(results[1], Err(CommandError::EntryConflict { .. })));
+    assert_eq!(results[2].as_ref().unwrap().id, format!("{base}7"));
+    // A later millisecond starts the counter again.
+    assert_eq!(
+        made(create_at(&mut db, T + 1, w(8, ""))),
+        "018bcfe5-687c-7000-8000-000000000000"
+    );
+    // Every ID sorts after the ones made before it, so the stored order is creation order.
+    let ids: Vec<String> = db
+        .store
+        .list_entries()
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(ids.len(), 8);
+    assert!(ids.windows(2).all(|p| p[0] < p[1]), "{ids:?}");
+
+    // A snapshot carries the last ID made: a server installing it goes on from there.
+    let (data, _) = db.store.export_state().unwrap();
+    let mut other = Db::new();
+    other.store.import_state(&data).unwrap();
+    other.index = db.index;
+    assert_eq!(
+        made(create_at(&mut other, T, w(9, ""))),
+        "018bcfe5-687c-7000-8000-000000000001"
+    );
+    // An update still needs the ID.
+    let r = db.apply(Command::EntryUpdate {
+        entry: w(1, ""),
+        expected_revision: None,
+    });
+    assert!(matches!(r.result, Err(CommandError::EntryNotFound { .. })), "{r:?}");
 }
 
 #[test]
@@ -716,16 +813,16 @@ fn t60_changes_carry_the_revision_and_never_the_token() {
         .store
         .apply(
             db.index,
-            Some(&Proposal {
-                now: 1,
-                command: Command::JoinTokenCreate {
+            Some(&Proposal::at(
+                1,
+                Command::JoinTokenCreate {
                     token: JoinToken {
                         token: "tok".into(),
                         spiffe_id: None,
                         expires_at: 100,
                     },
                 },
-            }),
+            )),
             b"x",
         )
         .unwrap();

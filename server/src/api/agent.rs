@@ -312,7 +312,7 @@ impl<S: Replicated> AgentService for AgentApi<S> {
             let selectors = Selectors::parse_all(&[format!("spiffe_id:{agent_id}")])
                 .map_err(|e| Status::internal(e.to_string()))?;
             let entry = plinth_storage::RegistrationEntry::new(
-                super::convert::new_entry_id()?,
+                String::new(),
                 alias,
                 agent_id,
                 selectors,

@@ -10,47 +10,14 @@ fn bad(field: &str, e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("invalid {field}: {e}"))
 }
 
-/// A random UUID v4, as SPIRE makes join tokens (and entry IDs).
+/// A random UUID v4, as SPIRE makes join tokens.
 pub fn new_uuid() -> Result<String, Status> {
     let mut b = [0u8; 16];
     SystemRandom::new()
         .fill(&mut b)
         .map_err(|_| Status::internal("random generator failed"))?;
     b[6] = (b[6] & 0x0f) | 0x40;
-    Ok(uuid_text(b))
-}
-
-/// A new registration entry ID: a UUID version 7 (RFC 9562), whose first 48 bits are the Unix
-/// time in milliseconds and whose last 74 are random. IDs made one after another sort one after
-/// another, so a new entry's rows land next to the previous entry's in every index instead of
-/// anywhere: with UUID v4s, creating an entry cost twice as much at 400 000 entries as at the
-/// start (RocksDB's memtable inserts; docs/benchmarks.md), with these it stays flat. Entry IDs
-/// are not secrets; join tokens stay v4.
-pub fn new_entry_id() -> Result<String, Status> {
-    let mut b = [0u8; 16];
-    SystemRandom::new()
-        .fill(&mut b[6..])
-        .map_err(|_| Status::internal("random generator failed"))?;
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    b[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
-    b[6] = (b[6] & 0x0f) | 0x70;
-    Ok(uuid_text(b))
-}
-
-/// The text form of UUID bytes whose version is set, with the RFC 9562 variant.
-fn uuid_text(mut b: [u8; 16]) -> String {
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex::encode(b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    Ok(plinth_storage::entry_id::uuid_text(b))
 }
 
 pub fn selectors_from_proto(sel: &[pb::Selector]) -> Result<Selectors, Status> {
@@ -115,8 +82,10 @@ pub fn entry_from_proto(e: &pb::Entry, td: &TrustDomain) -> Result<RegistrationE
     if e.hint.len() > 1024 {
         return Err(bad("hint", "longer than 1024 bytes"));
     }
+    // Without an ID of the client's choosing, apply gives the entry the next one in log order
+    // (plinth_storage::entry_id).
     let id = if e.id.is_empty() {
-        new_entry_id()?
+        String::new()
     } else {
         if e.id.len() > 255
             || !e
@@ -270,22 +239,34 @@ mod tests {
     }
 
     #[test]
-    fn entry_ids_are_uuid_v7_in_creation_order_and_join_tokens_v4() {
-        let before = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis();
-        let first = new_entry_id().unwrap();
-        let f = uuid_fields(&first, '7');
-        let ms = u128::from_str_radix(&format!("{}{}", f[0], f[1]), 16).unwrap();
-        assert!(ms >= before && ms < before + 60_000, "{ms} vs {before}");
-        // A later millisecond sorts later; within one, the random bits keep IDs apart.
-        std::thread::sleep(std::time::Duration::from_millis(3));
-        let later = new_entry_id().unwrap();
-        assert!(later > first, "{later} after {first}");
-        let many: std::collections::HashSet<String> =
-            (0..1000).map(|_| new_entry_id().unwrap()).collect();
+    fn join_tokens_are_random_uuid_v4() {
+        let many: std::collections::HashSet<String> = (0..1000)
+            .map(|_| {
+                let t = new_uuid().unwrap();
+                uuid_fields(&t, '4');
+                t
+            })
+            .collect();
         assert_eq!(many.len(), 1000);
-        uuid_fields(&new_uuid().unwrap(), '4');
+    }
+
+    #[test]
+    fn an_entry_keeps_the_id_its_client_chose_or_is_left_for_apply_to_number() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let mut e = pb::Entry {
+            spiffe_id: "spiffe://example.org/w".into(),
+            parent_id: "spiffe://example.org/agent".into(),
+            selectors: vec![pb::Selector {
+                r#type: "unix".into(),
+                value: "uid:1".into(),
+            }],
+            ..Default::default()
+        };
+        assert_eq!(entry_from_proto(&e, &td).unwrap().id, "");
+        e.id = "my-entry.1".into();
+        assert_eq!(entry_from_proto(&e, &td).unwrap().id, "my-entry.1");
+        e.id = "no spaces".into();
+        let err = entry_from_proto(&e, &td).unwrap_err();
+        assert!(err.message().starts_with("invalid id"), "{err:?}");
     }
 }
