@@ -179,8 +179,8 @@ pub(crate) fn client_write_error(
 async fn propose_one(raft: &Raft, command: Command) -> Result<Response, ForwardError> {
     raft.client_write(Proposal::at_millis(unix_now_ms(), command))
         .await
-    .map(|r| r.data)
-    .map_err(client_write_error)
+        .map(|r| r.data)
+        .map_err(client_write_error)
 }
 
 async fn propose_batch(raft: &Raft, mut batch: Vec<Pending>) {

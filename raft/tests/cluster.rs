@@ -658,10 +658,8 @@ async fn t71_entries_without_ids_are_numbered_in_log_order_on_every_node() {
         (0..150u32).map(|n| c.node(u64::from(n % 3 + 1)).write(unnamed(n))),
     )
     .await;
-    let mut made: Vec<RegistrationEntry> = results
-        .into_iter()
-        .map(|r| created(r.unwrap()))
-        .collect();
+    let mut made: Vec<RegistrationEntry> =
+        results.into_iter().map(|r| created(r.unwrap())).collect();
     made.sort_by_key(|e| e.revision);
     for e in &made {
         assert!(plinth_storage::EntryId::parse(&e.id).is_some(), "{}", e.id);

@@ -125,19 +125,18 @@ impl Store {
                 continue;
             }
             let last = i + 1 == commands.len();
-            let applied =
-                self.apply_command(log_index, proposal, command, revision, |batch| {
-                    if last {
-                        self.delete(batch, CF_SM_META, SM_BATCH_PROGRESS)?;
-                        self.set_applied(batch, applied_state)
-                    } else {
-                        let progress = BatchProgress {
-                            log_index,
-                            done: i + 1,
-                        };
-                        self.put_typed(batch, CF_SM_META, SM_BATCH_PROGRESS, &progress)
-                    }
-                })?;
+            let applied = self.apply_command(log_index, proposal, command, revision, |batch| {
+                if last {
+                    self.delete(batch, CF_SM_META, SM_BATCH_PROGRESS)?;
+                    self.set_applied(batch, applied_state)
+                } else {
+                    let progress = BatchProgress {
+                        log_index,
+                        done: i + 1,
+                    };
+                    self.put_typed(batch, CF_SM_META, SM_BATCH_PROGRESS, &progress)
+                }
+            })?;
             revision = applied.response.revision;
             responses.push(applied.response);
             changes.extend(applied.changes);

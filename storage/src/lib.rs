@@ -20,8 +20,8 @@ pub mod store;
 pub mod wal_presize;
 
 pub use apply::Applied;
-pub use entry_id::EntryId;
 pub use command::{Change, ChangeEvent, Command, CommandError, Outcome, Proposal, Response};
+pub use entry_id::EntryId;
 pub use error::StorageError;
 pub use model::{
     AttestedAgent, AuthorityKind, AuthorityPublic, AuthorityStatus, BundleEndpointProfile,

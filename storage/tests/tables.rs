@@ -292,7 +292,10 @@ fn t20_entries_without_an_id_are_numbered_in_log_order() {
         db.index += 1;
         let applied = db.index.to_be_bytes();
         let p = Proposal::at_millis(ms, Command::EntryCreate { entry: e });
-        db.store.apply(db.index, Some(&p), &applied).unwrap().response
+        db.store
+            .apply(db.index, Some(&p), &applied)
+            .unwrap()
+            .response
     };
     let base = "018bcfe5-687b-7000-8000-00000000000";
     // Two in one millisecond: the counter tells them apart.
@@ -334,7 +337,10 @@ fn t20_entries_without_an_id_are_numbered_in_log_order() {
         panic!("{:?}", responses[1])
     };
     assert_eq!(results[0].as_ref().unwrap().id, format!("{base}5"));
-    assert!(matches!(results[1], Err(CommandError::EntryConflict { .. })));
+    assert!(matches!(
+        results[1],
+        Err(CommandError::EntryConflict { .. })
+    ));
     assert_eq!(results[2].as_ref().unwrap().id, format!("{base}7"));
     // A later millisecond starts the counter again.
     assert_eq!(
@@ -366,7 +372,10 @@ fn t20_entries_without_an_id_are_numbered_in_log_order() {
         entry: w(1, ""),
         expected_revision: None,
     });
-    assert!(matches!(r.result, Err(CommandError::EntryNotFound { .. })), "{r:?}");
+    assert!(
+        matches!(r.result, Err(CommandError::EntryNotFound { .. })),
+        "{r:?}"
+    );
 }
 
 #[test]

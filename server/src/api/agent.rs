@@ -311,12 +311,8 @@ impl<S: Replicated> AgentService for AgentApi<S> {
                 .map_err(|_| Status::internal("token"))?;
             let selectors = Selectors::parse_all(&[format!("spiffe_id:{agent_id}")])
                 .map_err(|e| Status::internal(e.to_string()))?;
-            let entry = plinth_storage::RegistrationEntry::new(
-                String::new(),
-                alias,
-                agent_id,
-                selectors,
-            );
+            let entry =
+                plinth_storage::RegistrationEntry::new(String::new(), alias, agent_id, selectors);
             self.0
                 .state
                 .propose(Command::EntryCreate { entry })
