@@ -403,3 +403,25 @@ impl ChangeEvent {
             .map(|e| e.revision)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_proposal_keeps_its_milliseconds_and_one_written_without_them_reads_as_whole_seconds() {
+        let command = Command::EntryDelete { id: "e1".into() };
+        let p = Proposal::at_millis(1_700_000_000_123, command.clone());
+        assert_eq!((p.now, p.millis()), (1_700_000_000, 1_700_000_000_123));
+        let text = serde_json::to_string(&p).unwrap_or_default();
+        assert_eq!(serde_json::from_str::<Proposal>(&text).ok(), Some(p));
+        // A stamp before 1970 rounds its second down, not toward zero.
+        assert_eq!(Proposal::at_millis(-1, command.clone()).now, -1);
+        // What a build without `now_ms` wrote, still in the logs of an upgraded server.
+        let old = r#"{"now":1700000000,"command":{"op":"entry_delete","id":"e1"}}"#;
+        let read: Proposal = serde_json::from_str(old).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(read.now_ms, None);
+        assert_eq!(read.millis(), 1_700_000_000_000);
+        assert_eq!(read.command, command);
+    }
+}
