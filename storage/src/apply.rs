@@ -5,6 +5,8 @@
 //! global revision and the Raft applied state, so a crash never leaves an entry half applied or
 //! applied twice.
 
+use std::borrow::Cow;
+
 use rocksdb::WriteBatch;
 
 use crate::command::{Change, ChangeEvent, Command, CommandError, Outcome, Proposal, Response};
@@ -542,18 +544,20 @@ impl Txn<'_> {
     }
 
     fn entry_create(&mut self, entry: &RegistrationEntry) -> Result<Outcome, Fail> {
-        let entry = self.create_entry(entry)?;
+        let entry = self.with_id(entry)?;
+        let entry = self.create_entry(&entry, matches!(entry, Cow::Owned(_)))?;
         Ok(Outcome::Entry { entry })
     }
 
-    /// `entry` with its ID: the one it came with, or else the next one in log order, which
-    /// is recorded as the last made. An ID a client already chose is passed over.
+    /// `entry` with its ID: the one it came with (borrowed), or else the next one in log
+    /// order (owned), which is recorded as the last made. An ID a client already chose is
+    /// passed over, so a made ID is known to be free in the store.
     fn with_id<'e>(
         &mut self,
         entry: &'e RegistrationEntry,
-    ) -> Result<std::borrow::Cow<'e, RegistrationEntry>, Fail> {
+    ) -> Result<Cow<'e, RegistrationEntry>, Fail> {
         if !entry.id.is_empty() {
-            return Ok(std::borrow::Cow::Borrowed(entry));
+            return Ok(Cow::Borrowed(entry));
         }
         let mut last = match self.last_entry_id {
             Some(last) => last,
@@ -570,7 +574,7 @@ impl Txn<'_> {
         self.last_entry_id = Some(last);
         self.store
             .put_typed(&mut self.batch, CF_SM_META, SM_LAST_ENTRY_ID, &id)?;
-        Ok(std::borrow::Cow::Owned(RegistrationEntry {
+        Ok(Cow::Owned(RegistrationEntry {
             id,
             ..entry.clone()
         }))
@@ -588,9 +592,14 @@ impl Txn<'_> {
             .transpose()
     }
 
-    fn create_entry(&mut self, entry: &RegistrationEntry) -> Result<RegistrationEntry, Fail> {
-        let entry = &*self.with_id(entry)?;
-        if self.store.get_entry(&entry.id)?.is_some() {
+    /// Creates `entry`, whose ID is set. `id_is_new` if [`Txn::with_id`] made it, which
+    /// already found it free in the store.
+    fn create_entry(
+        &mut self,
+        entry: &RegistrationEntry,
+        id_is_new: bool,
+    ) -> Result<RegistrationEntry, Fail> {
+        if !id_is_new && self.store.get_entry(&entry.id)?.is_some() {
             return Err(CommandError::EntryIdExists {
                 id: entry.id.clone(),
             }
@@ -616,8 +625,8 @@ impl Txn<'_> {
         let mut created: std::collections::HashMap<&str, Vec<&RegistrationEntry>> =
             std::collections::HashMap::new();
         let mut results = Vec::with_capacity(entries.len());
-        for entry in &entries {
-            let entry = &**entry;
+        for with_id in &entries {
+            let entry = &**with_id;
             let earlier_conflict = created
                 .get(entry.spiffe_id.as_str())
                 .and_then(|v| v.iter().find(|e| e.same_mapping(entry)));
@@ -630,7 +639,7 @@ impl Txn<'_> {
                     existing_id: other.id.clone(),
                 })
             } else {
-                match self.create_entry(entry) {
+                match self.create_entry(entry, matches!(with_id, Cow::Owned(_))) {
                     Ok(new) => Ok(new),
                     Err(Fail::Refused(e)) => Err(e),
                     Err(Fail::Storage(e)) => return Err(Fail::Storage(e)),

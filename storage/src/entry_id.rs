@@ -102,12 +102,14 @@ impl std::fmt::Display for EntryId {
 /// The text form of UUID bytes whose version is set, with the RFC 9562 variant.
 pub fn uuid_text(mut b: [u8; 16]) -> String {
     b[8] = (b[8] & 0x3f) | 0x80;
+    use std::fmt::Write;
     let mut s = String::with_capacity(36);
     for (i, byte) in b.iter().enumerate() {
         if matches!(i, 4 | 6 | 8 | 10) {
             s.push('-');
         }
-        s.push_str(&format!("{byte:02x}"));
+        // Writing to a String cannot fail.
+        let _ = write!(s, "{byte:02x}");
     }
     s
 }
