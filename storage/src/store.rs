@@ -9,7 +9,7 @@ use std::sync::Arc;
 use plinth_spiffe::{Selector, SpiffeId, TrustDomain};
 use rocksdb::{
     BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, Direction, FlushOptions, IteratorMode,
-    Options, WriteBatch, WriteOptions, DB,
+    Options, ReadOptions, SliceTransform, WriteBatch, WriteOptions, DB,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -172,6 +172,65 @@ fn table_options() -> Options {
     o
 }
 
+/// The index tables: keys `value \0 entry ID` ([`index_key`]), read by value.
+const INDEX_CFS: [&str; 3] = [
+    CF_ENTRIES_BY_PARENT,
+    CF_ENTRIES_BY_SPIFFE_ID,
+    CF_ENTRIES_BY_SELECTOR,
+];
+
+/// The name RocksDB records with the prefix filters it builds. A table file written with
+/// another extractor (or none, as before this one) is read without its prefix filter, so a
+/// change of the function below needs a new name.
+const INDEX_PREFIX_EXTRACTOR: &str = "plinth.index_value.v1";
+
+/// The prefix of an index key: its value with the NUL that ends it. Every key of one value
+/// shares it, and keys are sorted bytewise, so they are adjacent.
+fn index_prefix(key: &[u8]) -> &[u8] {
+    match key.iter().position(|&b| b == 0) {
+        Some(end) => &key[..=end],
+        None => key,
+    }
+}
+
+/// Only keys with a NUL have an index prefix (every index key does).
+fn has_index_prefix(key: &[u8]) -> bool {
+    key.contains(&0)
+}
+
+/// Options of column family `name`. An index table also gets a prefix extractor: apply checks
+/// every new entry for a conflicting one with the same SPIFFE ID (a scan of that value's
+/// keys), and the value is mostly new. Without prefix filters that scan seeks in every memtable
+/// and table file, a cost that grows with the state; with them, the memtables and files whose
+/// filter says the value is absent are skipped (docs/benchmarks.md, "Prefix filters").
+fn cf_options(name: &str) -> Options {
+    let mut o = table_options();
+    if INDEX_CFS.contains(&name) {
+        o.set_prefix_extractor(SliceTransform::create(
+            INDEX_PREFIX_EXTRACTOR,
+            index_prefix,
+            Some(has_index_prefix),
+        ));
+    }
+    o
+}
+
+/// Read options for the keys of one index value: with [`cf_options`]' prefix extractor, the
+/// iterator stops at the last key with the prefix it was sought to, and skips the memtables
+/// and table files whose prefix filter rules the prefix out.
+fn one_value() -> ReadOptions {
+    let mut o = ReadOptions::default();
+    o.set_prefix_same_as_start(true);
+    o
+}
+
+/// Read options for a scan over a whole table, in key order whatever its prefix extractor.
+fn whole_table() -> ReadOptions {
+    let mut o = ReadOptions::default();
+    o.set_total_order_seek(true);
+    o
+}
+
 impl Store {
     /// Opens (or creates) the database in `path`, creating the directory 0700, and starts the
     /// thread that keeps its newest write-ahead log file presized ([`crate::wal_presize`]).
@@ -206,7 +265,7 @@ impl Store {
         let cfs = [CF_RAFT_LOG, CF_RAFT_META, CF_SNAPSHOT]
             .into_iter()
             .chain(STATE_CFS)
-            .map(|name| ColumnFamilyDescriptor::new(name, table_options()));
+            .map(|name| ColumnFamilyDescriptor::new(name, cf_options(name)));
         let db = Arc::new(DB::open_cf_descriptors(&opts, &path, cfs)?);
         Presizer::start(path.clone(), Arc::downgrade(&db));
         Ok(Self { db, path })
@@ -242,7 +301,10 @@ impl Store {
         T: DeserializeOwned,
     {
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf(table)?, IteratorMode::Start) {
+        for item in self
+            .db
+            .iterator_cf_opt(self.cf(table)?, whole_table(), IteratorMode::Start)
+        {
             let (_, v) = item?;
             out.push(decode(table, &v)?);
         }
@@ -254,10 +316,11 @@ impl Store {
         let mut p = prefix.as_bytes().to_vec();
         p.push(0);
         let mut out = Vec::new();
-        for item in self
-            .db
-            .iterator_cf(self.cf(table)?, IteratorMode::From(&p, Direction::Forward))
-        {
+        for item in self.db.iterator_cf_opt(
+            self.cf(table)?,
+            one_value(),
+            IteratorMode::From(&p, Direction::Forward),
+        ) {
             let (k, _) = item?;
             let Some(rest) = k.strip_prefix(p.as_slice()) else {
                 break;
@@ -620,7 +683,9 @@ impl Store {
         let mut sorted: Vec<&str> = parents.iter().map(SpiffeId::as_str).collect();
         sorted.sort_unstable();
         sorted.dedup();
-        let mut it = self.db.raw_iterator_cf(self.cf(CF_ENTRIES_BY_PARENT)?);
+        let mut it = self
+            .db
+            .raw_iterator_cf_opt(self.cf(CF_ENTRIES_BY_PARENT)?, one_value());
         let mut ids = Vec::new();
         let mut prefix = Vec::new();
         for parent in sorted {
@@ -780,7 +845,7 @@ impl Store {
         let mut applied = None;
         for (table_index, name) in STATE_CFS.iter().enumerate() {
             let cf = self.cf(name)?;
-            for item in snap.iterator_cf(cf, IteratorMode::Start) {
+            for item in snap.iterator_cf_opt(cf, whole_table(), IteratorMode::Start) {
                 let (k, v) = item?;
                 if *name == CF_SM_META && &*k == SM_APPLIED {
                     applied = Some(v.to_vec());
@@ -807,7 +872,10 @@ impl Store {
         let mut batch = WriteBatch::default();
         for name in STATE_CFS {
             let cf = self.cf(name)?;
-            for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+            for item in self
+                .db
+                .iterator_cf_opt(cf, whole_table(), IteratorMode::Start)
+            {
                 let (k, _) = item?;
                 batch.delete_cf(cf, k);
             }
@@ -901,6 +969,69 @@ mod tests {
         assert_eq!(store.legacy_snapshot_get().unwrap(), None);
         let file = store.snapshot_get().unwrap().unwrap();
         assert_eq!((file.meta, file.data), (b"meta".to_vec(), b"data".to_vec()));
+    }
+
+    #[test]
+    fn an_index_key_s_prefix_is_its_value_with_the_nul() {
+        assert_eq!(index_prefix(b"spiffe://a/b\0id1"), b"spiffe://a/b\0");
+        assert_eq!(index_prefix(b"spiffe://a/b\0"), b"spiffe://a/b\0");
+        assert_eq!(index_prefix(b"\0id"), b"\0");
+        // A prefix is its own prefix, as RocksDB requires.
+        let p = index_prefix(b"unix:uid:1\0e1");
+        assert_eq!(index_prefix(p), p);
+        assert!(has_index_prefix(b"v\0id"));
+        assert!(!has_index_prefix(b"no-nul"));
+        assert_eq!(index_prefix(b"no-nul"), b"no-nul");
+    }
+
+    /// A scan of a value no table file holds reads no data block of any of them: the prefix
+    /// filters rule every file out. Table files that hold the value are still read.
+    #[test]
+    fn index_scans_skip_table_files_without_the_value() {
+        use rocksdb::perf::{set_perf_stats, PerfContext, PerfMetric, PerfStatsLevel};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let cf = store.cf(CF_ENTRIES_BY_SPIFFE_ID).unwrap();
+        for file in 0..4 {
+            for i in 0..50 {
+                let key = index_key(&format!("spiffe://td/w{file}/{i}"), "id");
+                store.db.put_cf(cf, key, b"").unwrap();
+            }
+            store.persist_state().unwrap();
+        }
+        assert_eq!(
+            store
+                .db
+                .property_int_value_cf(cf, "rocksdb.num-files-at-level0")
+                .unwrap(),
+            Some(4)
+        );
+        set_perf_stats(PerfStatsLevel::EnableCount);
+        let mut ctx = PerfContext::default();
+
+        ctx.reset();
+        assert!(store
+            .scan_index(CF_ENTRIES_BY_SPIFFE_ID, "spiffe://td/w9/0")
+            .unwrap()
+            .is_empty());
+        let absent_reads =
+            ctx.metric(PerfMetric::BlockReadCount) + ctx.metric(PerfMetric::BlockCacheHitCount);
+        let ruled_out = ctx.metric(PerfMetric::BloomSstMissCount);
+
+        ctx.reset();
+        assert_eq!(
+            store
+                .scan_index(CF_ENTRIES_BY_SPIFFE_ID, "spiffe://td/w2/7")
+                .unwrap(),
+            ["id"]
+        );
+        let present_reads =
+            ctx.metric(PerfMetric::BlockReadCount) + ctx.metric(PerfMetric::BlockCacheHitCount);
+        set_perf_stats(PerfStatsLevel::Disable);
+
+        assert_eq!(absent_reads, 0, "blocks read for an absent value");
+        assert_eq!(ruled_out, 4, "table files ruled out by their prefix filter");
+        assert!(present_reads > 0, "the file with the value was not read");
     }
 
     /// The nice value of each of this process's threads named `name`.

@@ -62,12 +62,7 @@ impl Db {
 
 /// The stored entries' IDs, in the store's key order.
 fn stored_ids(db: &Db) -> Vec<String> {
-    db.store
-        .list_entries()
-        .unwrap()
-        .into_iter()
-        .map(|e| e.id)
-        .collect()
+    stored_ids_of(&db.store)
 }
 
 fn id(s: &str) -> SpiffeId {
@@ -427,6 +422,95 @@ fn t20_conflicting_entries_are_refused() {
         }
     );
     assert_eq!(db.store.list_entries().unwrap().len(), 2);
+}
+
+/// The stored entries' IDs, in the store's key order.
+fn stored_ids_of(s: &Store) -> Vec<String> {
+    s.list_entries()
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect()
+}
+
+/// The IDs of `entries`, sorted.
+fn ids_of(entries: Vec<RegistrationEntry>) -> Vec<String> {
+    let mut ids: Vec<String> = entries.into_iter().map(|e| e.id).collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn t20_index_reads_and_conflict_checks_see_every_table_file() {
+    // The index tables have prefix filters (a key's value up to its NUL). Values here are
+    // string prefixes of one another, and their keys are spread over two flushed table files
+    // and the memtables: every read must still find all of a value's keys, and only those.
+    let mut db = Db::new();
+    let (p1, p2, p3) = (
+        "spiffe://example.org/agent/a",
+        "spiffe://example.org/agent/a/b",
+        "spiffe://example.org/agent/ab",
+    );
+    let (w1, w2, w3) = (
+        "spiffe://example.org/web",
+        "spiffe://example.org/web/2",
+        "spiffe://example.org/webx",
+    );
+    let create = |db: &mut Db, e: RegistrationEntry| {
+        db.ok(Command::EntryCreate { entry: e });
+    };
+    create(&mut db, entry("e1", w1, p1, &["unix:uid:1"]));
+    create(&mut db, entry("e2", w2, p2, &["unix:uid:10"]));
+    db.store.persist_state().unwrap();
+    create(&mut db, entry("e3", w1, p1, &["unix:uid:10"]));
+    create(&mut db, entry("e4", w3, p3, &["unix:uid:1"]));
+    db.store.persist_state().unwrap();
+    create(&mut db, entry("e5", w1, p2, &["unix:uid:1"]));
+
+    let check = |s: &Store| {
+        let by_id = |v: &str| ids_of(s.entries_by_spiffe_id(&id(v)).unwrap());
+        assert_eq!(by_id(w1), ["e1", "e3", "e5"]);
+        assert_eq!(by_id(w2), ["e2"]);
+        assert_eq!(by_id(w3), ["e4"]);
+        assert!(by_id("spiffe://example.org/we").is_empty());
+        let by_parent = |v: &str| ids_of(s.entries_by_parent(&id(v)).unwrap());
+        assert_eq!(by_parent(p1), ["e1", "e3"]);
+        assert_eq!(by_parent(p2), ["e2", "e5"]);
+        assert_eq!(by_parent(p3), ["e4"]);
+        assert_eq!(
+            ids_of(s.entries_by_parents(&[id(p3), id(p1)]).unwrap()),
+            ["e1", "e3", "e4"]
+        );
+        let by_sel = |v: &str| ids_of(s.entries_by_selector(&Selector::parse(v).unwrap()).unwrap());
+        assert_eq!(by_sel("unix:uid:1"), ["e1", "e4", "e5"]);
+        assert_eq!(by_sel("unix:uid:10"), ["e2", "e3"]);
+        assert_eq!(stored_ids_of(s), ["e1", "e2", "e3", "e4", "e5"]);
+    };
+    check(&db.store);
+
+    // The conflicts are in the first table file.
+    assert_eq!(
+        db.refused(Command::EntryCreate {
+            entry: entry("e6", w1, p1, &["unix:uid:1"]),
+        }),
+        CommandError::EntryConflict {
+            existing_id: "e1".into()
+        }
+    );
+    assert_eq!(
+        db.refused(Command::EntryCreate {
+            entry: entry("e7", w2, p2, &["unix:uid:10"]),
+        }),
+        CommandError::EntryConflict {
+            existing_id: "e2".into()
+        }
+    );
+
+    // A snapshot of the state in files and memtables holds every key.
+    let (data, _) = db.store.export_state().unwrap();
+    let copy = Db::new();
+    copy.store.import_state(&data).unwrap();
+    check(&copy.store);
 }
 
 #[test]
