@@ -4,6 +4,7 @@
 use std::fmt;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use plinth_spiffe::{Selector, SpiffeId, TrustDomain};
@@ -98,6 +99,8 @@ impl MetaKey {
 pub struct Store {
     db: Arc<DB>,
     path: PathBuf,
+    /// Bytes of state-machine batches written to the memtables since their last flush.
+    unflushed: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for Store {
@@ -171,6 +174,11 @@ fn table_options() -> Options {
     o.set_memtable_prefix_bloom_ratio(0.05);
     o
 }
+
+/// How many bytes of state-machine batches the memtables take before they are flushed without
+/// a snapshot point ([`Store::write_batch`]). RocksDB's own bound is a memtable of 64 MiB,
+/// and its automatic flush (atomic) would flush the Raft log's memtable too.
+pub const STATE_FLUSH_BYTES: u64 = 16 * 1024 * 1024;
 
 /// The index tables: keys `value \0 entry ID` ([`index_key`]), read by value.
 const INDEX_CFS: [&str; 3] = [
@@ -268,7 +276,11 @@ impl Store {
             .map(|name| ColumnFamilyDescriptor::new(name, cf_options(name)));
         let db = Arc::new(DB::open_cf_descriptors(&opts, &path, cfs)?);
         Presizer::start(path.clone(), Arc::downgrade(&db));
-        Ok(Self { db, path })
+        Ok(Self {
+            db,
+            path,
+            unflushed: Arc::new(AtomicU64::new(0)),
+        })
     }
 
     /// The data directory.
@@ -622,12 +634,18 @@ impl Store {
     /// keep them: before Raft purges the log up to a snapshot point, the state at that point is
     /// persisted with this call. A clean close flushes too.
     pub fn persist_state(&self) -> Result<(), StorageError> {
+        self.flush_state(true)
+    }
+
+    /// One atomic flush of the state's column families' memtables, waited for or not.
+    fn flush_state(&self, wait: bool) -> Result<(), StorageError> {
         let cfs = STATE_CFS
             .into_iter()
             .map(|name| self.cf(name))
             .collect::<Result<Vec<_>, _>>()?;
+        self.unflushed.store(0, Ordering::Relaxed);
         let mut opts = FlushOptions::default();
-        opts.set_wait(true);
+        opts.set_wait(wait);
         self.db.flush_cfs_opt(&cfs, &opts)?;
         Ok(())
     }
@@ -775,10 +793,19 @@ impl Store {
     // ---- Writes (used by apply) ------------------------------------------------------------
 
     /// Writes a state-machine change to the memtables only ([`Store::persist_state`]).
+    ///
+    /// Once the batches written since the last flush pass [`STATE_FLUSH_BYTES`], the state's
+    /// memtables are flushed in the background (not waited for). A heavy spell of writes then
+    /// flushes its own state as it goes, rather than leaving it all to the next snapshot point,
+    /// which may come in a quiet spell after it (docs/benchmarks.md, "Prefix filters").
     pub(crate) fn write_batch(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        let size = batch.size_in_bytes() as u64;
         let mut opts = WriteOptions::default();
         opts.disable_wal(true);
         self.db.write_opt(batch, &opts)?;
+        if self.unflushed.fetch_add(size, Ordering::Relaxed) + size >= STATE_FLUSH_BYTES {
+            self.flush_state(false)?;
+        }
         Ok(())
     }
 
@@ -1036,6 +1063,59 @@ mod tests {
         assert_eq!(absent_reads, 0, "blocks read for an absent value");
         assert_eq!(ruled_out, 3, "table files ruled out by their prefix filter");
         assert!(present_reads > 0, "the file with the value was not read");
+    }
+
+    /// Table files of column family `name`.
+    fn table_files(store: &Store, name: &str) -> usize {
+        store
+            .db
+            .live_files()
+            .unwrap()
+            .iter()
+            .filter(|f| f.column_family_name == name)
+            .count()
+    }
+
+    #[test]
+    fn state_batches_past_the_bound_are_flushed_without_a_snapshot_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.log_append([(1, b"entry".to_vec())]).unwrap();
+        let cf = store.cf(CF_ENTRIES).unwrap();
+        let value = vec![b'x'; 64 * 1024];
+        let mut key = 0u32;
+        let mut put = |store: &Store| {
+            let mut batch = WriteBatch::default();
+            batch.put_cf(cf, key.to_be_bytes(), &value);
+            key += 1;
+            store.write_batch(batch).unwrap();
+        };
+        // Just under the bound: nothing is flushed.
+        let per_batch = (value.len() + 64) as u64;
+        for _ in 0..(STATE_FLUSH_BYTES / per_batch - 2) {
+            put(&store);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert_eq!(table_files(&store, CF_ENTRIES), 0);
+        // Past it: the state's memtables are flushed in the background, the log's are not.
+        for _ in 0..4 {
+            put(&store);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while table_files(&store, CF_ENTRIES) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no table file after the bound"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(table_files(&store, CF_RAFT_LOG), 0);
+        // The count starts again after the flush.
+        assert!(store.unflushed.load(Ordering::Relaxed) < 4 * per_batch);
+        // Every key is still there.
+        for k in 0..key {
+            assert!(store.db.get_cf(cf, k.to_be_bytes()).unwrap().is_some());
+        }
     }
 
     /// The nice value of each of this process's threads named `name`.
