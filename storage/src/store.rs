@@ -797,7 +797,8 @@ impl Store {
     /// Once the batches written since the last flush pass [`STATE_FLUSH_BYTES`], the state's
     /// memtables are flushed in the background (not waited for). A heavy spell of writes then
     /// flushes its own state as it goes, rather than leaving it all to the next snapshot point,
-    /// which may come in a quiet spell after it (docs/benchmarks.md, "Prefix filters").
+    /// which may come in a quiet spell after it (docs/benchmarks.md, "the state flushed at a
+    /// size").
     pub(crate) fn write_batch(&self, batch: WriteBatch) -> Result<(), StorageError> {
         let size = batch.size_in_bytes() as u64;
         let mut opts = WriteOptions::default();

@@ -62,7 +62,12 @@ impl Db {
 
 /// The stored entries' IDs, in the store's key order.
 fn stored_ids(db: &Db) -> Vec<String> {
-    stored_ids_of(&db.store)
+    db.store
+        .list_entries()
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect()
 }
 
 fn id(s: &str) -> SpiffeId {
@@ -424,15 +429,6 @@ fn t20_conflicting_entries_are_refused() {
     assert_eq!(db.store.list_entries().unwrap().len(), 2);
 }
 
-/// The stored entries' IDs, in the store's key order.
-fn stored_ids_of(s: &Store) -> Vec<String> {
-    s.list_entries()
-        .unwrap()
-        .into_iter()
-        .map(|e| e.id)
-        .collect()
-}
-
 /// The IDs of `entries`, sorted.
 fn ids_of(entries: Vec<RegistrationEntry>) -> Vec<String> {
     let mut ids: Vec<String> = entries.into_iter().map(|e| e.id).collect();
@@ -467,7 +463,8 @@ fn t20_index_reads_and_conflict_checks_see_every_table_file() {
     db.store.persist_state().unwrap();
     create(&mut db, entry("e5", w1, p2, &["unix:uid:1"]));
 
-    let check = |s: &Store| {
+    let check = |db: &Db| {
+        let s = &db.store;
         let by_id = |v: &str| ids_of(s.entries_by_spiffe_id(&id(v)).unwrap());
         assert_eq!(by_id(w1), ["e1", "e3", "e5"]);
         assert_eq!(by_id(w2), ["e2"]);
@@ -484,9 +481,9 @@ fn t20_index_reads_and_conflict_checks_see_every_table_file() {
         let by_sel = |v: &str| ids_of(s.entries_by_selector(&Selector::parse(v).unwrap()).unwrap());
         assert_eq!(by_sel("unix:uid:1"), ["e1", "e4", "e5"]);
         assert_eq!(by_sel("unix:uid:10"), ["e2", "e3"]);
-        assert_eq!(stored_ids_of(s), ["e1", "e2", "e3", "e4", "e5"]);
+        assert_eq!(stored_ids(db), ["e1", "e2", "e3", "e4", "e5"]);
     };
-    check(&db.store);
+    check(&db);
 
     // The conflicts are in the first table file.
     assert_eq!(
@@ -510,7 +507,7 @@ fn t20_index_reads_and_conflict_checks_see_every_table_file() {
     let (data, _) = db.store.export_state().unwrap();
     let copy = Db::new();
     copy.store.import_state(&data).unwrap();
-    check(&copy.store);
+    check(&copy);
 }
 
 #[test]
