@@ -325,8 +325,7 @@ impl Store {
 
     /// Keys in `table` that start with `prefix \0`, with the prefix stripped.
     fn scan_index(&self, table: &'static str, prefix: &str) -> Result<Vec<String>, StorageError> {
-        let mut p = prefix.as_bytes().to_vec();
-        p.push(0);
+        let p = index_key(prefix, "");
         let mut out = Vec::new();
         for item in self.db.iterator_cf_opt(
             self.cf(table)?,
