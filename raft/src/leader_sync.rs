@@ -47,8 +47,14 @@ use crate::types::LogId;
 #[derive(Debug)]
 pub struct LeaderSync {
     state: Mutex<State>,
-    /// Bumped after each sync that released pending writes, and when a sync fails.
+    /// Bumped after a sync that released pending writes while an apply waited on them
+    /// ([`LeaderSync::wait_durable`]), and when a sync fails.
     released: watch::Sender<u64>,
+    /// Bumped after a sync that ended a hold on the commit index sent to followers
+    /// ([`LeaderSync::watch`]), and when a sync fails. Kept apart from `released` so that
+    /// the watcher is not woken by every sync: a lone client's write would otherwise pay one
+    /// more thread wake for nothing.
+    unheld: watch::Sender<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -72,6 +78,7 @@ impl Default for LeaderSync {
         Self {
             state: Mutex::default(),
             released: watch::channel(0).0,
+            unheld: watch::channel(0).0,
         }
     }
 }
@@ -102,7 +109,7 @@ impl LeaderSync {
         if tickets.is_empty() && ok {
             return;
         }
-        {
+        let (failed, unheld) = {
             let mut s = self.lock();
             if ok && !s.failed {
                 for t in tickets {
@@ -111,8 +118,17 @@ impl LeaderSync {
             } else {
                 s.failed = true;
             }
+            (s.failed, s.held && s.pending.is_empty())
+        };
+        let bump = |v: &mut u64| *v = v.wrapping_add(1);
+        // A waiter subscribes before it checks the state under the lock, so one that checked
+        // before this release is counted here, and one that checks after sees the release.
+        if failed || self.released.receiver_count() > 0 {
+            self.released.send_modify(bump);
         }
-        self.released.send_modify(|v| *v = v.wrapping_add(1));
+        if failed || unheld {
+            self.unheld.send_modify(bump);
+        }
     }
 
     /// True if a failed sync stopped this node's early callbacks.
@@ -161,7 +177,7 @@ impl LeaderSync {
     /// then sends them a heartbeat, which carries the commit index). Returns `false` once the
     /// node's sync failed or this `LeaderSync` is gone.
     pub async fn watch(&self) -> bool {
-        let mut rx = self.released.subscribe();
+        let mut rx = self.unheld.subscribe();
         loop {
             {
                 let mut s = self.lock();
@@ -212,6 +228,35 @@ mod tests {
         assert_eq!(s.clamp_commit(Some(id(11))), Some(id(9)));
         s.synced(&[a], true);
         assert_eq!(s.clamp_commit(Some(id(11))), Some(id(11)));
+    }
+
+    #[test]
+    fn a_release_wakes_only_a_waiting_apply_or_the_watcher_of_a_held_commit() {
+        let s = LeaderSync::default();
+        let a = s.begin(1, None).unwrap();
+        s.synced(&[a], true);
+        assert_eq!(*s.released.borrow(), 0, "no apply waited");
+        assert_eq!(*s.unheld.borrow(), 0, "no commit was held");
+
+        let waiting_apply = s.released.subscribe();
+        let b = s.begin(2, Some(id(1))).unwrap();
+        s.synced(&[b], true);
+        assert_eq!(*s.released.borrow(), 1, "an apply waited");
+        assert_eq!(*s.unheld.borrow(), 0);
+        drop(waiting_apply);
+
+        let c = s.begin(3, Some(id(2))).unwrap();
+        let d = s.begin(4, Some(id(3))).unwrap();
+        assert_eq!(s.clamp_commit(Some(id(4))), Some(id(2)));
+        s.synced(&[c], true);
+        assert_eq!(*s.unheld.borrow(), 0, "still held below entry 4");
+        s.synced(&[d], true);
+        assert_eq!(*s.unheld.borrow(), 1, "the hold ended");
+        assert_eq!(*s.released.borrow(), 1);
+
+        s.synced(&[], false);
+        assert_eq!(*s.released.borrow(), 2, "a failure wakes every waiter");
+        assert_eq!(*s.unheld.borrow(), 2);
     }
 
     #[tokio::test]
