@@ -9,9 +9,9 @@
 //! writes share an fsync. On the established leader with parallel leader sync (the default),
 //! the callback of its own entries comes before the sync, so that openraft 0.9 replicates them
 //! while the leader syncs; what keeps such an entry from counting toward anything visible until
-//! it is durable is in [`crate::leader_sync`]. The committed index is written unsynced: Raft
-//! does not need it durable (a restarted node learns it again), and it reaches disk with the
-//! next log sync.
+//! it is durable is in [`crate::leader_sync`]. The committed index is written unsynced, in the
+//! same write as the next append's entries (at shutdown on its own): Raft does not need it
+//! durable (a restarted node learns it again), and it reaches disk with the next log sync.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -41,6 +41,9 @@ pub struct LogStore {
     node_id: Option<NodeId>,
     /// The last vote saved or read.
     vote: Arc<Mutex<Option<Vote>>>,
+    /// A committed index saved but not yet written: it goes into the next append's write
+    /// ([`LogStore::write_committed`] writes it on its own, at shutdown).
+    committed: Arc<Mutex<Option<Option<LogId>>>>,
 }
 
 /// Encoded bytes of log entries one AppendEntries carries at most (a single larger entry still
@@ -298,6 +301,7 @@ impl LogStore {
             cache: Arc::default(),
             node_id: None,
             vote: Arc::default(),
+            committed: Arc::default(),
         }
     }
 
@@ -347,6 +351,20 @@ impl LogStore {
         }
         let purged: LogId = self.meta(MetaKey::LastPurged).ok()??;
         (purged.index == index).then_some(purged)
+    }
+
+    fn pending_committed(&self) -> std::sync::MutexGuard<'_, Option<Option<LogId>>> {
+        self.committed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes a committed index saved since the last append, if any (unsynced, like every
+    /// write of it). For shutdown: otherwise it waits for the next append to carry it.
+    pub fn write_committed(&self) -> Result<(), plinth_storage::StorageError> {
+        let Some(committed) = self.pending_committed().take() else {
+            return Ok(());
+        };
+        let bytes = encode(T_META, &committed)?;
+        self.store.meta_put_unsynced(MetaKey::Committed, bytes)
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, EntryCache> {
@@ -474,14 +492,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(vote)
     }
 
+    /// Kept in memory until the next append writes it in the same batch as its entries (or
+    /// [`LogStore::write_committed`] does). openraft saves the committed index right before
+    /// it hands newly committed entries to the state machine, so a write of its own here sat
+    /// in every client write's path on the leader; the saved index is only where a restart
+    /// starts re-applying, and one that lags is caught up from the leader.
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        let bytes = encode(T_META, &committed).map_err(write_err)?;
-        self.store
-            .meta_put_unsynced(MetaKey::Committed, bytes)
-            .map_err(write_err)
+        *self.pending_committed() = Some(committed);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        if let Some(committed) = *self.pending_committed() {
+            return Ok(committed);
+        }
         Ok(self
             .meta::<Option<LogId>>(MetaKey::Committed)
             .map_err(read_err)?
@@ -519,7 +543,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 };
                 Some((sync, first, prev))
             });
-        match self.store.log_append_unsynced(encoded) {
+        let committed = self.pending_committed().take();
+        let written = match committed
+            .map(|c| encode(T_META, &c))
+            .transpose()
+            .map_err(write_err)?
+        {
+            Some(bytes) => self
+                .store
+                .log_append_unsynced_with_meta(encoded, (MetaKey::Committed, bytes)),
+            None => self.store.log_append_unsynced(encoded),
+        };
+        if written.is_err() {
+            if let Some(c) = committed {
+                self.pending_committed().get_or_insert(c);
+            }
+        }
+        match written {
             Ok(()) => {
                 tracing::trace!("log append in the WAL");
                 for (index, size, entry) in decoded {
@@ -579,6 +619,45 @@ mod tests {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
             payload: EntryPayload::Blank,
         }
+    }
+
+    #[tokio::test]
+    async fn the_committed_index_is_written_with_the_next_append_or_on_its_own_at_shutdown() {
+        use openraft::storage::RaftLogStorageExt;
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db");
+        let stored = |store: &Store| {
+            store
+                .meta_get(MetaKey::Committed)
+                .unwrap()
+                .map(|b| decode::<Option<LogId>>(T_META, &b).unwrap())
+        };
+        {
+            let store = Store::open(&db).unwrap();
+            let mut log = LogStore::new(store.clone());
+            log.blocking_append((1..=3).map(entry)).await.unwrap();
+            log.save_committed(Some(entry(2).log_id)).await.unwrap();
+            assert_eq!(stored(&store), None, "not a write of its own");
+            assert_eq!(log.read_committed().await.unwrap(), Some(entry(2).log_id));
+
+            log.blocking_append((4..=4).map(entry)).await.unwrap();
+            assert_eq!(
+                stored(&store),
+                Some(Some(entry(2).log_id)),
+                "went with the append"
+            );
+            assert_eq!(log.read_committed().await.unwrap(), Some(entry(2).log_id));
+
+            log.save_committed(Some(entry(4).log_id)).await.unwrap();
+            log.write_committed().unwrap();
+            assert_eq!(stored(&store), Some(Some(entry(4).log_id)));
+            log.write_committed().unwrap();
+            store.sync().unwrap();
+        }
+        let mut log = LogStore::new(Store::open(&db).unwrap());
+        assert_eq!(log.read_committed().await.unwrap(), Some(entry(4).log_id));
+        let logs = log.try_get_log_entries(1..5).await.unwrap();
+        assert_eq!(logs.len(), 4);
     }
 
     fn indexes(v: Option<Vec<Entry>>) -> Option<Vec<u64>> {

@@ -531,6 +531,8 @@ pub struct RaftNode {
     /// Completes when openraft's state-machine worker has dropped the state machine, and with
     /// it its handle on the database ([`StateMachine::with_close_signal`]).
     sm_closed: Option<oneshot::Receiver<()>>,
+    /// The log store openraft runs on, to write its last committed index at shutdown.
+    log: LogStore,
 }
 
 impl RaftNode {
@@ -560,6 +562,7 @@ impl RaftNode {
             pipeline_commit_notices: config.pipeline_commit_notices,
             commit_notice_delay: config.commit_notice_delay,
         };
+        let log = log_store.clone();
         let raft = Raft::new(config.node_id, raft_config, network, log_store, sm)
             .await
             .map_err(|e| NodeError::Raft(e.to_string()))?;
@@ -656,6 +659,7 @@ impl RaftNode {
             watchdog,
             commit_pusher,
             sm_closed: Some(sm_closed),
+            log,
         })
     }
 
@@ -916,6 +920,9 @@ impl RaftNode {
             .map_err(|e| NodeError::Raft(e.to_string()))?;
         // A log sync may still be running; it holds the database open.
         self.inner.flusher.wait_idle().await;
+        if let Err(e) = self.log.write_committed() {
+            tracing::warn!(error = %e, "writing the committed index at shutdown failed");
+        }
         // So may the state-machine worker, which openraft's shutdown does not wait for: a node
         // reopened at once in the same process would find the database locked. Bounded, so a
         // worker that never ends cannot hold shutdown up.

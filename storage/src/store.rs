@@ -352,7 +352,7 @@ impl Store {
     where
         I: IntoIterator<Item = (u64, Vec<u8>)>,
     {
-        self.log_write(entries, &sync_opts())
+        self.log_write(entries, None, &sync_opts())
     }
 
     /// Appends (or overwrites) log entries in RocksDB's write-ahead log without syncing it: the
@@ -362,10 +362,28 @@ impl Store {
     where
         I: IntoIterator<Item = (u64, Vec<u8>)>,
     {
-        self.log_write(entries, &WriteOptions::default())
+        self.log_write(entries, None, &WriteOptions::default())
     }
 
-    fn log_write<I>(&self, entries: I, opts: &WriteOptions) -> Result<(), StorageError>
+    /// [`Store::log_append_unsynced`], with a Raft metadata value written in the same batch,
+    /// after the entries: both are in the write-ahead log, or neither.
+    pub fn log_append_unsynced_with_meta<I>(
+        &self,
+        entries: I,
+        meta: (MetaKey, Vec<u8>),
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = (u64, Vec<u8>)>,
+    {
+        self.log_write(entries, Some(meta), &WriteOptions::default())
+    }
+
+    fn log_write<I>(
+        &self,
+        entries: I,
+        meta: Option<(MetaKey, Vec<u8>)>,
+        opts: &WriteOptions,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = (u64, Vec<u8>)>,
     {
@@ -373,6 +391,9 @@ impl Store {
         let mut batch = WriteBatch::default();
         for (index, bytes) in entries {
             batch.put_cf(cf, u64_key(index), bytes);
+        }
+        if let Some((key, value)) = meta {
+            batch.put_cf(self.cf(CF_RAFT_META)?, key.as_bytes(), value);
         }
         self.db.write_opt(batch, opts)?;
         Ok(())

@@ -182,12 +182,29 @@ fn t10_unsynced_log_appends_are_readable_at_once_and_kept_after_sync() {
         let s = Store::open(dir.path()).unwrap();
         s.log_append_unsynced((1..=3).map(|i| (i, vec![i as u8])))
             .unwrap();
-        s.log_append_unsynced((4..=5).map(|i| (i, vec![i as u8])))
-            .unwrap();
-        s.meta_put_unsynced(MetaKey::Committed, b"c5".to_vec())
-            .unwrap();
+        // The committed index rides along with a later append.
+        s.log_append_unsynced_with_meta(
+            (4..=5).map(|i| (i, vec![i as u8])),
+            (MetaKey::Committed, b"c3".to_vec()),
+        )
+        .unwrap();
+        assert_eq!(
+            s.meta_get(MetaKey::Committed).unwrap(),
+            Some(b"c3".to_vec())
+        );
         // Readable before any sync (Raft reads its own unflushed log).
         assert_eq!(s.log_last().unwrap(), Some((5, vec![5])));
+        s.sync().unwrap();
+    }
+    {
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            s.meta_get(MetaKey::Committed).unwrap(),
+            Some(b"c3".to_vec()),
+            "the value written with the append was synced with it"
+        );
+        s.meta_put_unsynced(MetaKey::Committed, b"c5".to_vec())
+            .unwrap();
         s.sync().unwrap();
     }
     let s = Store::open(dir.path()).unwrap();
