@@ -543,7 +543,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 };
                 Some((sync, first, prev))
             });
-        let committed = self.pending_committed().take();
+        // Cleared only once written: the core saves and appends one after the other, so
+        // nothing saves a newer index between this read and the clear.
+        let committed = *self.pending_committed();
         let written = match committed
             .map(|c| encode(T_META, &c))
             .transpose()
@@ -554,10 +556,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .log_append_unsynced_with_meta(encoded, (MetaKey::Committed, bytes)),
             None => self.store.log_append_unsynced(encoded),
         };
-        if written.is_err() {
-            if let Some(c) = committed {
-                self.pending_committed().get_or_insert(c);
-            }
+        if written.is_ok() && committed.is_some() {
+            *self.pending_committed() = None;
         }
         match written {
             Ok(()) => {
