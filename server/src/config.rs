@@ -82,6 +82,11 @@ pub struct ServerSection {
     pub ca_subject: CaSubject,
     #[serde(default = "default_agent_ttl")]
     pub agent_ttl: String,
+    /// Threads of the async runtime that runs the server (API, Raft, replication); blocking
+    /// work such as log syncs has its own pool. Unset: one per CPU. Servers that share a host
+    /// do better with its CPUs divided among them (docs/benchmarks.md).
+    #[serde(default)]
+    pub worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -484,6 +489,12 @@ impl Config {
         let x509_svid_ttl = dur("server.default_x509_svid_ttl", &s.default_x509_svid_ttl)?;
         let jwt_svid_ttl = dur("server.default_jwt_svid_ttl", &s.default_jwt_svid_ttl)?;
         let agent_ttl = dur("server.agent_ttl", &s.agent_ttl)?;
+        if s.worker_threads == Some(0) {
+            return Err(invalid(
+                "server.worker_threads",
+                "must be at least 1 (remove it for one per CPU)",
+            ));
+        }
         if x509_svid_ttl >= ca_ttl {
             return Err(invalid(
                 "server.default_x509_svid_ttl",
@@ -658,6 +669,22 @@ data_dir = "/tmp/x"
         assert_eq!(c.file.cluster.logs_kept_after_snapshot, 50);
         let e = refused(&with_cluster("snapshot_after_logs = 0"));
         assert!(e.contains("cluster.snapshot_after_logs"), "{e}");
+    }
+
+    #[test]
+    fn worker_threads_default_to_one_per_cpu_and_zero_is_refused() {
+        assert_eq!(parsed(MIN).file.server.worker_threads, None);
+        let with =
+            |v: &str| MIN.replacen("[server]", &format!("[server]\nworker_threads = {v}"), 1);
+        assert_eq!(parsed(&with("1")).file.server.worker_threads, Some(1));
+        assert_eq!(parsed(&with("6")).file.server.worker_threads, Some(6));
+        let e = refused(&with("0"));
+        assert!(
+            e.contains("server.worker_threads") && e.contains("at least 1"),
+            "{e}"
+        );
+        let e = refused(&with("-1"));
+        assert!(e.contains("worker_threads"), "{e}");
     }
 
     /// The `[cluster]` switch `key` is `default` with no `[cluster]` section and when the

@@ -33,7 +33,9 @@ async fn shutdown_signal() {
     }
 }
 
-async fn real_main() -> anyhow::Result<()> {
+/// Runs a command on a runtime of its own: `run` on the one its config asks for
+/// (`[server] worker_threads`), the others on tokio's default.
+fn real_main() -> anyhow::Result<()> {
     let cli = Cli::parse_from(cli::normalize_args(std::env::args()));
     match cli.command {
         Cmd::Validate(a) => {
@@ -44,18 +46,24 @@ async fn real_main() -> anyhow::Result<()> {
         Cmd::Run(a) => {
             let cfg = Config::load(&a.config, a.expand_env)?;
             init_tracing(&cfg.file.server.log_level);
-            let server = plinth_server::run::start(cfg).await?;
-            shutdown_signal().await;
-            tracing::info!("stopping");
-            server.shutdown().await
+            let rt = plinth_server::run::runtime(cfg.file.server.worker_threads)?;
+            tracing::info!(
+                worker_threads = rt.metrics().num_workers(),
+                "starting the runtime"
+            );
+            rt.block_on(async {
+                let server = plinth_server::run::start(cfg).await?;
+                shutdown_signal().await;
+                tracing::info!("stopping");
+                server.shutdown().await
+            })
         }
-        other => cli::client(other).await,
+        other => plinth_server::run::runtime(None)?.block_on(cli::client(other)),
     }
 }
 
-#[tokio::main]
-async fn main() {
-    if let Err(e) = real_main().await {
+fn main() {
+    if let Err(e) = real_main() {
         eprintln!("Error: {e:#}");
         std::process::exit(1);
     }

@@ -102,6 +102,28 @@ async fn wait_for_cluster(state: &RaftState) -> anyhow::Result<()> {
     }
 }
 
+/// The async runtime `plinth-server run` serves on: `worker_threads` threads (from
+/// `[server] worker_threads`), or one per CPU when unset.
+///
+/// One worker per server measured best with three servers sharing two CPUs: tokio wakes a
+/// parked sibling worker whenever a worker has more than one task ready, and each write's
+/// steps (API, proposal, log append, replication, apply) are a chain of such hand-offs
+/// (docs/benchmarks.md).
+pub fn runtime(worker_threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    b.enable_all();
+    if let Some(n) = worker_threads {
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "worker_threads must be at least 1",
+            ));
+        }
+        b.worker_threads(n);
+    }
+    b.build()
+}
+
 /// Starts a server from a validated configuration.
 pub async fn start(cfg: Config) -> anyhow::Result<RunningServer> {
     let cfg = Arc::new(cfg);
@@ -376,4 +398,31 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningServer> {
         stop,
         tasks,
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_runtime_has_the_configured_workers_or_one_per_cpu() {
+        for n in [1, 3] {
+            let rt = runtime(Some(n)).unwrap();
+            assert_eq!(rt.metrics().num_workers(), n);
+            // It runs tasks and timers.
+            let got = rt.block_on(async {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                tokio::spawn(async { 7 }).await.unwrap()
+            });
+            assert_eq!(got, 7);
+        }
+        let cpus = std::env::var("TOKIO_WORKER_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().unwrap().get());
+        assert_eq!(runtime(None).unwrap().metrics().num_workers(), cpus);
+        let e = runtime(Some(0)).unwrap_err();
+        assert!(e.to_string().contains("at least 1"), "{e}");
+    }
 }

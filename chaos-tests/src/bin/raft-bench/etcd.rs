@@ -51,9 +51,10 @@ async fn status(endpoint: &str) -> anyhow::Result<pb::StatusResponse> {
 }
 
 impl Cluster {
-    /// Starts the members with default timing (100 ms heartbeat, 1 s election timeout) and
-    /// waits until they agree on a leader.
-    pub async fn start(bin: &Path, root: &Path) -> anyhow::Result<Self> {
+    /// Starts the members with default timing (100 ms heartbeat, 1 s election timeout), each
+    /// running Go code on at most `threads` threads (`GOMAXPROCS`), and waits until they agree
+    /// on a leader.
+    pub async fn start(bin: &Path, root: &Path, threads: usize) -> anyhow::Result<Self> {
         let mut peers = Vec::new();
         let mut clients = Vec::new();
         for _ in 0..3 {
@@ -71,6 +72,7 @@ impl Cluster {
             let dir: PathBuf = root.join(format!("m{i}"));
             std::fs::create_dir_all(root)?;
             let mut cmd = Command::new(bin);
+            cmd.env("GOMAXPROCS", threads.to_string());
             cmd.arg(format!("--name=m{i}"))
                 .arg(format!("--data-dir={}", dir.display()))
                 .arg(format!("--listen-client-urls={}", clients[i]))

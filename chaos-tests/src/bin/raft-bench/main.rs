@@ -61,6 +61,11 @@ struct Args {
     snapshot_after_logs: u64,
     #[arg(long, default_value_t = 1000)]
     logs_kept_after_snapshot: u64,
+    /// Threads each server runs its code on: plinth's `[server] worker_threads` and etcd's
+    /// `GOMAXPROCS`, the same for both (default: the host's CPUs divided among the three
+    /// servers, at least 1).
+    #[arg(long)]
+    threads_per_server: Option<usize>,
     /// Skip the etcd baseline.
     #[arg(long)]
     no_etcd: bool,
@@ -306,6 +311,11 @@ async fn main() -> anyhow::Result<()> {
         dir.disable_cleanup(true);
         println!("work directory (kept): {}", dir.path().display());
     }
+    let threads = match args.threads_per_server {
+        Some(0) => anyhow::bail!("--threads-per-server must be at least 1"),
+        Some(n) => n,
+        None => (std::thread::available_parallelism().map_or(1, |n| n.get()) / 3).max(1),
+    };
     let timing = plinth::Timing {
         election_min_ms: args.election_min_ms,
         election_max_ms: args.election_max_ms,
@@ -315,18 +325,22 @@ async fn main() -> anyhow::Result<()> {
         parallel_leader_sync: !args.serial_leader_sync,
         pipeline_commit_notices: !args.wait_for_commit_notices,
         commit_notice_delay_us: args.commit_notice_delay_us,
+        worker_threads: threads,
     };
 
-    eprintln!("starting plinth (3 processes) and etcd (3 members) ...");
+    eprintln!(
+        "starting plinth (3 processes) and etcd (3 members), {threads} thread(s) per server ..."
+    );
     let mut pc = plinth::Cluster::start(&plinth_bin, &dir.path().join("plinth"), timing).await?;
     pc.verbose = args.keep_work_dir;
     let ec = if args.no_etcd {
         None
     } else {
-        Some(etcd::Cluster::start(&args.etcd_bin, &dir.path().join("etcd")).await?)
+        Some(etcd::Cluster::start(&args.etcd_bin, &dir.path().join("etcd"), threads).await?)
     };
 
     println!();
+    println!("threads per server: {threads} (plinth's worker_threads, etcd's GOMAXPROCS)");
     println!(
         "| clients | system | writes/s | p50 ms | p99 ms | errors | server CPU ms/write | \
          server thread switches/write | log sync ms (mean) | disk KB written/write |\n\

@@ -32,6 +32,8 @@ pub struct Timing {
     pub parallel_leader_sync: bool,
     pub pipeline_commit_notices: bool,
     pub commit_notice_delay_us: u64,
+    /// `[server] worker_threads` of each server.
+    pub worker_threads: usize,
 }
 
 #[derive(Debug)]
@@ -119,6 +121,7 @@ socket_path = "{d}/admin.sock"
 bind_address = "{ip}"
 bind_port = 0
 log_level = "warn"
+worker_threads = {wt}
 
 [cluster]
 node_id = {id}
@@ -151,6 +154,7 @@ keys_path = "{d}/keys"
                 pls = t.parallel_leader_sync,
                 pcn = t.pipeline_commit_notices,
                 cnd = t.commit_notice_delay_us,
+                wt = t.worker_threads,
             );
             std::fs::write(dir.join("server.toml"), config)?;
             nodes.push(Node {
