@@ -683,8 +683,9 @@ data_dir = "/tmp/x"
             e.contains("server.worker_threads") && e.contains("at least 1"),
             "{e}"
         );
+        // The line of the key (the third of the file) and what it must be.
         let e = refused(&with("-1"));
-        assert!(e.contains("worker_threads"), "{e}");
+        assert!(e.contains("line 3") && e.contains("expected usize"), "{e}");
     }
 
     /// The `[cluster]` switch `key` is `default` with no `[cluster]` section and when the
