@@ -103,7 +103,8 @@ async fn wait_for_cluster(state: &RaftState) -> anyhow::Result<()> {
 }
 
 /// The async runtime `plinth-server run` serves on: `worker_threads` threads (from
-/// `[server] worker_threads`), or one per CPU when unset.
+/// `[server] worker_threads`), or when unset tokio's default: `TOKIO_WORKER_THREADS` if set,
+/// else one per CPU.
 ///
 /// One worker per server measured best with three servers sharing two CPUs: tokio wakes a
 /// parked sibling worker whenever a worker has more than one task ready, and each write's
