@@ -402,6 +402,15 @@ impl Inner {
 
     pub(crate) async fn membership_local(&self, op: MembershipOp) -> Result<(), ForwardError> {
         let raft = &self.raft;
+        // Checked on the leader only: its membership is the one the change applies to (a
+        // follower's may be a moment behind; it forwards, and the leader checks).
+        {
+            let m = raft.metrics().borrow().clone();
+            if m.current_leader == Some(self.id) {
+                check_membership_op(m.membership_config.membership(), &op)
+                    .map_err(ForwardError::Membership)?;
+            }
+        }
         let fut = async move {
             match op {
                 MembershipOp::AddLearner { node_id, addr } => {
@@ -956,6 +965,39 @@ async fn forward_status(addr: &str, tls: Option<&Arc<rustls::ClientConfig>>) -> 
     unpack(reply.get_ref()).ok()
 }
 
+/// Refuses a membership change that openraft would take silently as something else: adding an
+/// ID that is already a member at another address (openraft keeps the old address), adding an
+/// address another member already has, and removing or promoting an ID that is not a member.
+/// Adding a member again at its own address is allowed, so a retried `cluster add` succeeds.
+fn check_membership_op(
+    membership: &openraft::Membership<NodeId, BasicNode>,
+    op: &MembershipOp,
+) -> Result<(), String> {
+    let addr_of = |id: NodeId| membership.get_node(&id).map(|n| n.addr.as_str());
+    match op {
+        MembershipOp::AddLearner { node_id, addr } => {
+            if let Some(have) = addr_of(*node_id).filter(|have| *have != addr) {
+                return Err(format!(
+                    "node {node_id} is already a member at {have}; remove it first to give it \
+                     another address"
+                ));
+            }
+            if let Some((other, _)) = membership
+                .nodes()
+                .find(|(id, n)| **id != *node_id && n.addr == *addr)
+            {
+                return Err(format!("address {addr} is already node {other}'s"));
+            }
+        }
+        MembershipOp::Promote { node_id } | MembershipOp::Remove { node_id } => {
+            if addr_of(*node_id).is_none() {
+                return Err(format!("node {node_id} is not a member of the cluster"));
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests may unwrap
 mod tests {
@@ -1017,5 +1059,57 @@ mod tests {
         let failed = peers.get(4, "not an address", |_| Err("bad".into()));
         assert!(failed.is_err());
         assert!(!peers.clients.lock().unwrap().contains_key(&4));
+    }
+
+    #[test]
+    fn membership_changes_that_openraft_would_misread_are_refused() {
+        let node = |addr: &str| BasicNode { addr: addr.into() };
+        let m = openraft::Membership::new(
+            vec![BTreeSet::from([1, 2])],
+            BTreeMap::from([
+                (1, node("127.0.0.1:1")),
+                (2, node("127.0.0.2:1")),
+                (3, node("127.0.0.3:1")),
+            ]),
+        );
+        let add = |id: NodeId, addr: &str| MembershipOp::AddLearner {
+            node_id: id,
+            addr: addr.into(),
+        };
+        // A new node at a new address; a member again at its own address (a retry).
+        assert_eq!(check_membership_op(&m, &add(4, "127.0.0.4:1")), Ok(()));
+        assert_eq!(check_membership_op(&m, &add(3, "127.0.0.3:1")), Ok(()));
+        assert_eq!(
+            check_membership_op(&m, &add(2, "127.0.0.9:1")),
+            Err(
+                "node 2 is already a member at 127.0.0.2:1; remove it first to give it \
+                 another address"
+                    .into()
+            )
+        );
+        assert_eq!(
+            check_membership_op(&m, &add(4, "127.0.0.2:1")),
+            Err("address 127.0.0.2:1 is already node 2's".into())
+        );
+        // Voters and learners can be removed and learners promoted; others are no members.
+        for id in [2, 3] {
+            assert_eq!(
+                check_membership_op(&m, &MembershipOp::Remove { node_id: id }),
+                Ok(())
+            );
+        }
+        assert_eq!(
+            check_membership_op(&m, &MembershipOp::Promote { node_id: 3 }),
+            Ok(())
+        );
+        for op in [
+            MembershipOp::Remove { node_id: 9 },
+            MembershipOp::Promote { node_id: 9 },
+        ] {
+            assert_eq!(
+                check_membership_op(&m, &op),
+                Err("node 9 is not a member of the cluster".into())
+            );
+        }
     }
 }

@@ -17,6 +17,10 @@ pub enum StateError {
     /// No leader could be reached, or this node cannot serve right now; retryable.
     #[error("cluster unavailable: {0}")]
     Unavailable(String),
+    /// A membership change the cluster refused (a node that is no member, an ID or address
+    /// already taken); nothing changed. Not retryable as it is.
+    #[error("{0}")]
+    Rejected(String),
     /// Local storage failed; this node must stop serving.
     #[error("storage failure: {0}")]
     Fatal(String),
@@ -206,7 +210,9 @@ impl RaftState {
 }
 
 fn node_err(e: plinth_raft::NodeError) -> StateError {
-    if e.is_fatal() {
+    if let plinth_raft::NodeError::Membership(m) = e {
+        StateError::Rejected(format!("membership change refused: {m}"))
+    } else if e.is_fatal() {
         StateError::Fatal(e.to_string())
     } else {
         StateError::Unavailable(e.to_string())

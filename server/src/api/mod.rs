@@ -178,6 +178,7 @@ pub(crate) fn state_status(e: StateError) -> Status {
     match e {
         StateError::Refused(c) => command_status(c),
         StateError::Unavailable(m) => Status::unavailable(m),
+        StateError::Rejected(m) => Status::failed_precondition(m),
         StateError::Fatal(m) => fatal(m),
     }
 }
