@@ -351,6 +351,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
+        let bytes = data.len();
         let _guard = self.snapshots.lock.lock().await;
         let store = self.store.clone();
         let applied = blocking(move || store.import_state(&data).map_err(snap_err)).await?;
@@ -372,6 +373,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let store = self.store.clone();
         let point = meta.clone();
         blocking(move || save_snapshot_point(&store, &point)).await?;
+        tracing::info!(
+            last_log_index = meta.last_log_id.map_or(0, |l| l.index),
+            bytes,
+            "installed a snapshot from the leader"
+        );
         let revision = self.store.revision().map_err(sm_read)?;
         self.publish(vec![ChangeEvent {
             revision,

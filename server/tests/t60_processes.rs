@@ -2,7 +2,8 @@
 //! Three real `plinth-server` processes, each on its own loopback address (127.0.0.1-3) with its
 //! own data directory, and the faults of issue 3 item 6 done to them with signals: kill -9 of the
 //! leader under a write load, a restarted node catching up, SIGSTOP/SIGCONT of the leader, a
-//! restart of every node at once, and writes to a minority.
+//! restart of every node at once, writes to a minority, and a fourth server that joins through
+//! `plinth-server cluster add` after a log purge (so by snapshot) and leaves by `cluster remove`.
 //!
 //! The oracle everywhere: a write the client saw acknowledged is present afterwards, on every
 //! node, with the ID it was acknowledged with; nothing appears that no client sent; and every node
@@ -44,6 +45,8 @@ struct Node {
     /// Peers over mTLS (else plain TCP), and the join kit this node starts from, if any.
     mtls: bool,
     kit: Option<PathBuf>,
+    /// More `[cluster]` keys, one a line.
+    cluster_extra: String,
 }
 
 impl Node {
@@ -66,9 +69,17 @@ impl Node {
             child: None,
             mtls: false,
             kit: None,
+            cluster_extra: String::new(),
         };
         node.write_config();
         node
+    }
+
+    /// Adds `[cluster]` keys to this node's config.
+    fn with_cluster_keys(mut self, keys: &str) -> Self {
+        self.cluster_extra = keys.to_owned();
+        self.write_config();
+        self
     }
 
     /// Switches this node to mTLS between servers, starting from the join kit in `kit` (a
@@ -120,6 +131,7 @@ bootstrap = {bootstrap}
 election_timeout_min_ms = 500
 election_timeout_max_ms = 1000
 heartbeat_interval_ms = 100
+{extra}
 
 [key_manager]
 type = "disk"
@@ -133,6 +145,7 @@ keys_path = "{d}/keys"
             id = self.id,
             raft = self.raft_addr(),
             bootstrap = self.id == 1,
+            extra = self.cluster_extra,
         );
         std::fs::write(self.config_path(), text).unwrap();
     }
@@ -218,7 +231,7 @@ impl Drop for Node {
 #[derive(Debug)]
 struct Cluster {
     nodes: Vec<Node>,
-    _dir: tempfile::TempDir,
+    root: tempfile::TempDir,
 }
 
 /// What a client saw for one write.
@@ -358,8 +371,15 @@ impl Cluster {
     }
 
     async fn start_with(mtls: bool) -> Self {
+        Self::start_opts(mtls, "").await
+    }
+
+    /// Like [`Cluster::start`], each node with the `[cluster]` keys in `cluster_keys`.
+    async fn start_opts(mtls: bool, cluster_keys: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut nodes: Vec<Node> = (1..=3).map(|id| Node::new(dir.path(), id)).collect();
+        let mut nodes: Vec<Node> = (1..=3)
+            .map(|id| Node::new(dir.path(), id).with_cluster_keys(cluster_keys))
+            .collect();
         if mtls {
             nodes[0].use_mtls(None);
         }
@@ -392,7 +412,7 @@ impl Cluster {
             .await
             .unwrap();
         }
-        let c = Self { nodes, _dir: dir };
+        let c = Self { nodes, root: dir };
         c.wait_leader(&[1, 2, 3]).await;
         c
     }
@@ -412,6 +432,11 @@ impl Cluster {
     /// Waits until every node in `ids` names the same leader, one of `ids`, with three voters;
     /// returns it.
     async fn wait_leader(&self, ids: &[u64]) -> u64 {
+        self.wait_leader_of(ids, 3).await
+    }
+
+    /// Like [`Cluster::wait_leader`], with `voters` voters.
+    async fn wait_leader_of(&self, ids: &[u64], voters: usize) -> u64 {
         let socks: Vec<PathBuf> = ids.iter().map(|id| self.socket(*id)).collect();
         let ids = ids.to_vec();
         wait_for("an agreed leader", || {
@@ -421,7 +446,7 @@ impl Cluster {
                 let mut leader = None;
                 for s in &socks {
                     let st = status(s).await.ok()?;
-                    if st.members.iter().filter(|m| m.voter).count() != 3
+                    if st.members.iter().filter(|m| m.voter).count() != voters
                         || !ids.contains(&st.leader_id)
                         || leader.is_some_and(|l| l != st.leader_id)
                     {
@@ -827,6 +852,119 @@ async fn t60_write_to_minority_is_not_acknowledged() {
     let o = create(&c.socket(lone), "healed").await;
     assert!(matches!(o, Outcome::Acked(_)), "after healing: {o:?}");
     history.record("healed".into(), o);
+    let state = c.converged(&[1, 2, 3]).await;
+    for id in 1..=3 {
+        history.check(id, &state);
+    }
+}
+
+/// `plinth-server cluster ...` run as a process against the admin socket at `socket`.
+fn cli(socket: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .arg("cluster")
+        .args(args)
+        .arg("-socketPath")
+        .arg(socket)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Membership from the CLI, and a new server joining after the log was purged: with snapshots
+/// every 40 entries keeping 5, a fourth server added with `cluster add` after 150 writes must
+/// install a snapshot (its log says so) and then holds every entry. Bad changes (removing a
+/// non-member, re-adding a member at another address) are refused with a clear error and change
+/// nothing; `cluster remove` through a follower takes the fourth server out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t60_a_server_added_after_a_log_purge_installs_a_snapshot_and_is_removed_by_the_cli() {
+    const KEYS: &str = "snapshot_after_logs = 40\nlogs_kept_after_snapshot = 5";
+    let mut c = Cluster::start_opts(false, KEYS).await;
+    let mut history = History::default();
+    for i in 0..150u64 {
+        let name = format!("early-{i}");
+        let o = create(&c.socket(i % 3 + 1), &name).await;
+        assert!(matches!(o, Outcome::Acked(_)), "{name}: {o:?}");
+        history.record(name, o);
+    }
+
+    let mut n4 = Node::new(c.root.path(), 4).with_cluster_keys(KEYS);
+    n4.spawn();
+    let s4 = n4.socket();
+    wait_for("the fourth server's admin socket", || {
+        let s4 = s4.clone();
+        async move { status(&s4).await.ok() }
+    })
+    .await;
+    c.nodes.push(n4);
+    let out = cli(
+        &c.socket(1),
+        &["add", "-nodeID", "4", "-address", &c.node(4).raft_addr()],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "cluster add: {out:?}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("4 ") && l.contains(" voter ")),
+        "cluster add prints the new voter:\n{stdout}"
+    );
+    // The leader counts the new server as caught up once it has the snapshot; installing it
+    // may finish a moment later.
+    let log4 = c.node(4).dir.join("server.log");
+    wait_for("the fourth server to install a snapshot", || {
+        let text = std::fs::read_to_string(&log4).unwrap_or_default();
+        async move {
+            text.contains("installed a snapshot from the leader")
+                .then_some(())
+        }
+    })
+    .await;
+    let state = c.converged(&[1, 2, 3, 4]).await;
+    assert_eq!(state.len(), 150);
+    for id in 1..=4 {
+        history.check(id, &state);
+    }
+    let o = create(&c.socket(4), "through-the-fourth").await;
+    assert!(matches!(o, Outcome::Acked(_)), "{o:?}");
+    history.record("through-the-fourth".into(), o);
+
+    // Refused, with the reason, and nothing changes.
+    let four_voters = |st: &pb::ClusterStatusResponse| {
+        st.members.iter().filter(|m| m.voter).count() == 4 && st.leader_id != 0
+    };
+    for (args, why) in [
+        (
+            vec!["remove", "-nodeID", "9"],
+            "node 9 is not a member of the cluster".to_owned(),
+        ),
+        (
+            vec!["add", "-nodeID", "2", "-address", "127.0.0.9:1"],
+            format!("node 2 is already a member at {}", c.node(2).raft_addr()),
+        ),
+    ] {
+        let out = cli(&c.socket(4), &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "cluster {args:?} succeeded: {out:?}");
+        assert!(stderr.contains(&why), "cluster {args:?}: {stderr}");
+        let st = status(&c.socket(4)).await.unwrap();
+        assert!(four_voters(&st), "after cluster {args:?}: {st:?}");
+    }
+
+    // Removed through a follower (forwarded to the leader).
+    let leader = c.wait_leader_of(&[1, 2, 3, 4], 4).await;
+    let via = (1..=3).find(|i| *i != leader).unwrap();
+    let out = cli(&c.socket(via), &["remove", "-nodeID", "4"]);
+    assert!(out.status.success(), "cluster remove: {out:?}");
+    c.wait_leader(&[1, 2, 3]).await;
+    for id in 1..=3 {
+        let st = status(&c.socket(id)).await.unwrap();
+        let ids: Vec<u64> = st.members.iter().map(|m| m.node_id).collect();
+        assert_eq!(ids, vec![1, 2, 3], "node {id}'s members after the removal");
+    }
+    c.nodes.pop().unwrap().kill9();
+    let o = create(&c.socket(via), "after-removal").await;
+    assert!(matches!(o, Outcome::Acked(_)), "{o:?}");
+    history.record("after-removal".into(), o);
     let state = c.converged(&[1, 2, 3]).await;
     for id in 1..=3 {
         history.check(id, &state);
