@@ -180,6 +180,18 @@ keys_path = "{d}/keys"
         self.child = Some(child);
     }
 
+    /// Starts the process and waits until its admin socket answers (a joining node has no
+    /// leader yet, so only that).
+    async fn spawn_and_wait_admin(&mut self) {
+        self.spawn();
+        let sock = self.socket();
+        wait_for(&format!("node {}'s admin socket", self.id), || {
+            let sock = sock.clone();
+            async move { status(&sock).await.ok() }
+        })
+        .await;
+    }
+
     fn pid(&self) -> u32 {
         self.child.as_ref().expect("node is running").id()
     }
@@ -396,13 +408,7 @@ impl Cluster {
                 mint(&s1, "spiffe://example.org/spire/server", &kit);
                 node.use_mtls(Some(kit));
             }
-            node.spawn();
-            let sock = node.socket();
-            wait_for("the joining node's admin socket", || {
-                let sock = sock.clone();
-                async move { status(&sock).await.ok() }
-            })
-            .await;
+            node.spawn_and_wait_admin().await;
             let ch = channel(&s1).await.unwrap();
             bounded(ClusterServiceClient::new(ch).add_node(pb::AddNodeRequest {
                 node_id: node.id,
@@ -460,6 +466,19 @@ impl Cluster {
         .await
     }
 
+    /// Writes `<prefix><i>` for i in 0..n through nodes 1, 2, 3 in turn, each of which must be
+    /// acknowledged.
+    async fn write_acked(&self, prefix: &str, n: u64) -> History {
+        let mut history = History::default();
+        for i in 0..n {
+            let name = format!("{prefix}{i}");
+            let o = create(&self.socket(i % 3 + 1), &name).await;
+            assert!(matches!(o, Outcome::Acked(_)), "{name}: {o:?}");
+            history.record(name, o);
+        }
+        history
+    }
+
     /// Waits until the nodes in `ids` all answer a linearizable list with the same entries,
     /// and returns them.
     async fn converged(&self, ids: &[u64]) -> BTreeMap<String, String> {
@@ -497,6 +516,13 @@ impl History {
                 self.not_acked.insert(name, why);
             }
         }
+    }
+
+    /// Writes `name` through the node at `socket`; it must be acknowledged.
+    async fn write_acked(&mut self, socket: &Path, name: &str) {
+        let o = create(socket, name).await;
+        assert!(matches!(o, Outcome::Acked(_)), "{name}: {o:?}");
+        self.record(name.to_owned(), o);
     }
 
     /// The oracle: every acknowledged write is in `state` with the acknowledged ID, and
@@ -721,13 +747,7 @@ async fn t60_sigstop_leader_is_fenced_after_sigcont() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t60_restart_all_nodes_at_once_keeps_identical_state() {
     let mut c = Cluster::start().await;
-    let mut history = History::default();
-    for i in 0..30u64 {
-        let name = format!("e{i}");
-        let o = create(&c.socket(i % 3 + 1), &name).await;
-        assert!(matches!(o, Outcome::Acked(_)), "{name}: {o:?}");
-        history.record(name, o);
-    }
+    let history = c.write_acked("e", 30).await;
     let deleted: Vec<String> = (0..10)
         .map(|i| history.acked[&format!("e{i}")].clone())
         .collect();
@@ -849,9 +869,7 @@ async fn t60_write_to_minority_is_not_acknowledged() {
         c.node_mut(*g).spawn();
     }
     c.wait_leader(&[1, 2, 3]).await;
-    let o = create(&c.socket(lone), "healed").await;
-    assert!(matches!(o, Outcome::Acked(_)), "after healing: {o:?}");
-    history.record("healed".into(), o);
+    history.write_acked(&c.socket(lone), "healed").await;
     let state = c.converged(&[1, 2, 3]).await;
     for id in 1..=3 {
         history.check(id, &state);
@@ -879,22 +897,10 @@ fn cli(socket: &Path, args: &[&str]) -> std::process::Output {
 async fn t60_a_server_added_after_a_log_purge_installs_a_snapshot_and_is_removed_by_the_cli() {
     const KEYS: &str = "snapshot_after_logs = 40\nlogs_kept_after_snapshot = 5";
     let mut c = Cluster::start_opts(false, KEYS).await;
-    let mut history = History::default();
-    for i in 0..150u64 {
-        let name = format!("early-{i}");
-        let o = create(&c.socket(i % 3 + 1), &name).await;
-        assert!(matches!(o, Outcome::Acked(_)), "{name}: {o:?}");
-        history.record(name, o);
-    }
+    let mut history = c.write_acked("early", 150).await;
 
     let mut n4 = Node::new(c.root.path(), 4).with_cluster_keys(KEYS);
-    n4.spawn();
-    let s4 = n4.socket();
-    wait_for("the fourth server's admin socket", || {
-        let s4 = s4.clone();
-        async move { status(&s4).await.ok() }
-    })
-    .await;
+    n4.spawn_and_wait_admin().await;
     c.nodes.push(n4);
     let out = cli(
         &c.socket(1),
@@ -924,9 +930,9 @@ async fn t60_a_server_added_after_a_log_purge_installs_a_snapshot_and_is_removed
     for id in 1..=4 {
         history.check(id, &state);
     }
-    let o = create(&c.socket(4), "through-the-fourth").await;
-    assert!(matches!(o, Outcome::Acked(_)), "{o:?}");
-    history.record("through-the-fourth".into(), o);
+    history
+        .write_acked(&c.socket(4), "through-the-fourth")
+        .await;
 
     // Refused, with the reason, and nothing changes.
     let four_voters = |st: &pb::ClusterStatusResponse| {
@@ -962,9 +968,7 @@ async fn t60_a_server_added_after_a_log_purge_installs_a_snapshot_and_is_removed
         assert_eq!(ids, vec![1, 2, 3], "node {id}'s members after the removal");
     }
     c.nodes.pop().unwrap().kill9();
-    let o = create(&c.socket(via), "after-removal").await;
-    assert!(matches!(o, Outcome::Acked(_)), "{o:?}");
-    history.record("after-removal".into(), o);
+    history.write_acked(&c.socket(via), "after-removal").await;
     let state = c.converged(&[1, 2, 3]).await;
     for id in 1..=3 {
         history.check(id, &state);
