@@ -405,7 +405,8 @@ impl Inner {
         // Checked on the leader only: its membership is the one the change applies to (a
         // follower's may be a moment behind; it forwards, and the leader checks).
         {
-            let m = raft.metrics().borrow().clone();
+            let metrics = raft.metrics();
+            let m = metrics.borrow();
             if m.current_leader == Some(self.id) {
                 check_membership_op(m.membership_config.membership(), &op)
                     .map_err(ForwardError::Membership)?;

@@ -373,20 +373,17 @@ impl Cluster {
     /// Starts node 1 (bootstrap), then nodes 2 and 3, added as voters through node 1's admin
     /// socket, and waits until all three agree on a leader. Raft over plain TCP.
     async fn start() -> Self {
-        Self::start_with(false).await
+        Self::start_opts(false, "").await
     }
 
     /// Like [`Cluster::start`], with mTLS between servers: nodes 2 and 3 join with a kit that
     /// `plinth-server x509 mint` made on node 1.
     async fn start_mtls() -> Self {
-        Self::start_with(true).await
+        Self::start_opts(true, "").await
     }
 
-    async fn start_with(mtls: bool) -> Self {
-        Self::start_opts(mtls, "").await
-    }
-
-    /// Like [`Cluster::start`], each node with the `[cluster]` keys in `cluster_keys`.
+    /// Like [`Cluster::start`] (with mTLS if `mtls`), each node with the `[cluster]` keys in
+    /// `cluster_keys`.
     async fn start_opts(mtls: bool, cluster_keys: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut nodes: Vec<Node> = (1..=3)
@@ -471,10 +468,9 @@ impl Cluster {
     async fn write_acked(&self, prefix: &str, n: u64) -> History {
         let mut history = History::default();
         for i in 0..n {
-            let name = format!("{prefix}{i}");
-            let o = create(&self.socket(i % 3 + 1), &name).await;
-            assert!(matches!(o, Outcome::Acked(_)), "{name}: {o:?}");
-            history.record(name, o);
+            history
+                .write_acked(&self.socket(i % 3 + 1), &format!("{prefix}{i}"))
+                .await;
         }
         history
     }
@@ -644,10 +640,9 @@ async fn t60_kill9_leader_under_writes_then_restart_catches_up() {
     // It also takes new writes, and so does everyone else.
     let mut after = History::default();
     for id in 1..=3 {
-        let name = format!("after-restart-{id}");
-        let o = create(&c.socket(id), &name).await;
-        assert!(matches!(o, Outcome::Acked(_)), "{name}: {o:?}");
-        after.record(name, o);
+        after
+            .write_acked(&c.socket(id), &format!("after-restart-{id}"))
+            .await;
     }
     let all = c.converged(&[1, 2, 3]).await;
     for (name, id) in &after.acked {
@@ -666,10 +661,9 @@ async fn t60_sigstop_leader_is_fenced_after_sigcont() {
     let old_term = status(&c.socket(old)).await.unwrap().term;
     let mut history = History::default();
     for i in 0..5 {
-        let name = format!("before-{i}");
-        let o = create(&c.socket(old), &name).await;
-        assert!(matches!(o, Outcome::Acked(_)), "{name}: {o:?}");
-        history.record(name, o);
+        history
+            .write_acked(&c.socket(old), &format!("before-{i}"))
+            .await;
     }
 
     c.node(old).stop();
@@ -825,10 +819,9 @@ async fn t60_write_to_minority_is_not_acknowledged() {
     let mut history = History::default();
     let leader = c.wait_leader(&[1, 2, 3]).await;
     for i in 0..3 {
-        let name = format!("majority-{i}");
-        let o = create(&c.socket(leader), &name).await;
-        assert!(matches!(o, Outcome::Acked(_)), "{name}: {o:?}");
-        history.record(name, o);
+        history
+            .write_acked(&c.socket(leader), &format!("majority-{i}"))
+            .await;
     }
 
     // 1. The leader alone: both followers stopped.
