@@ -476,6 +476,31 @@ impl Inner {
         let _ = tokio::time::timeout(RETRY_PAUSE, changed).await;
     }
 
+    /// Waits (at most the request timeout) until this node's membership shows `op` done. A
+    /// follower that forwarded a change learns of it with the leader's next append; until then
+    /// its status would still show the cluster as it was, and a caller retrying on that view
+    /// would be refused (the node is no longer a member).
+    async fn await_membership_shows(&self, op: &MembershipOp) {
+        let mut metrics = self.raft.metrics();
+        let shown = metrics.wait_for(|m| {
+            let membership = m.membership_config.membership();
+            match op {
+                MembershipOp::AddLearner { node_id, .. } => membership.get_node(node_id).is_some(),
+                MembershipOp::Promote { node_id } => membership.voter_ids().any(|v| v == *node_id),
+                MembershipOp::Remove { node_id } => membership.get_node(node_id).is_none(),
+            }
+        });
+        if tokio::time::timeout(self.config.request_timeout, shown)
+            .await
+            .is_err()
+        {
+            tracing::debug!(
+                ?op,
+                "the leader made the change; this node has not seen it yet"
+            );
+        }
+    }
+
     fn peer_client(
         &self,
         node: NodeId,
@@ -841,7 +866,10 @@ impl RaftNode {
                 })
                 .await?
                 {
-                    Ok(()) => return Ok(()),
+                    Ok(()) => {
+                        self.inner.await_membership_shows(&op).await;
+                        return Ok(());
+                    }
                     Err(ForwardError::NotLeader { .. }) => {}
                     Err(e) => return Err(e.into()),
                 }
