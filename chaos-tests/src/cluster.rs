@@ -565,6 +565,16 @@ keys_path = "{data}/keys"
                         }
                         last = "still a member".into();
                     }
+                    // An earlier attempt whose answer was lost (timed out) may have removed
+                    // it: the leader refuses to remove a node that is no longer a member.
+                    Ok(Err(e))
+                        if e.code() == tonic::Code::FailedPrecondition
+                            && e.message().contains("is not a member") =>
+                    {
+                        tracing::info!(node = id, via, "member already removed");
+                        done = true;
+                        break 'outer;
+                    }
                     Ok(Err(e)) => last = e.message().to_owned(),
                     Err(_) => last = "remove_node timed out".into(),
                 }
