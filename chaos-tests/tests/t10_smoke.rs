@@ -30,6 +30,20 @@ fn alive(pid: u32, config: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Runs the scenario with the harness's log on the test's output, so that a failure shows how
+/// far the run got. A run still going after four minutes is stopped here (its servers are
+/// killed as the run is dropped) rather than by the test runner's time-out.
+async fn run_with_watchdog(cfg: ScenarioConfig) -> plinth_chaos::report::Report {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("plinth_chaos=info"))
+        .with_test_writer()
+        .try_init();
+    match tokio::time::timeout(std::time::Duration::from_secs(240), scenario::run(cfg)).await {
+        Ok(r) => r.unwrap(),
+        Err(_) => panic!("the chaos run did not finish in 240 s; its log above shows where it was"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t10_smoke_every_fault_once() {
     let results = tempfile::tempdir().unwrap();
@@ -38,7 +52,7 @@ async fn t10_smoke_every_fault_once() {
         None => results.path().to_owned(),
     };
     let cfg = ScenarioConfig::smoke(server_bin(), out.clone());
-    let report = scenario::run(cfg).await.unwrap();
+    let report = run_with_watchdog(cfg).await;
     let summary = report.summary();
     println!("{summary}");
     assert!(report.passed(), "chaos checks failed:\n{summary}");
