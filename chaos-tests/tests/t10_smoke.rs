@@ -37,6 +37,7 @@ async fn run_with_watchdog(cfg: ScenarioConfig) -> plinth_chaos::report::Report 
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new("plinth_chaos=info"))
         .with_test_writer()
+        .with_ansi(false)
         .try_init();
     match tokio::time::timeout(std::time::Duration::from_secs(240), scenario::run(cfg)).await {
         Ok(r) => r.unwrap(),
