@@ -11,6 +11,7 @@ pub mod history;
 pub mod linearizability;
 pub mod report;
 pub mod scenario;
+pub mod testing;
 pub mod workload;
 
 /// Finds the `plinth-server` binary: `$PLINTH_SERVER_BIN`, else next to the running executable

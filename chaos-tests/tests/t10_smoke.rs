@@ -6,43 +6,15 @@
 //! complete, and no server process may outlive the run.
 
 use std::path::PathBuf;
-use std::process::Command;
+use std::time::Duration;
 
-use plinth_chaos::scenario::{self, ScenarioConfig};
-
-/// The server binary: built by the workspace test run; built here if missing.
-fn server_bin() -> PathBuf {
-    if let Some(p) = plinth_chaos::find_server_bin() {
-        return p;
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
-        .args(["build", "-p", "plinth-server", "--bin", "plinth-server"])
-        .status()
-        .unwrap();
-    assert!(st.success(), "building plinth-server failed");
-    plinth_chaos::find_server_bin().expect("plinth-server not found after building it")
-}
+use plinth_chaos::scenario::ScenarioConfig;
+use plinth_chaos::testing::{run_logged, server_bin};
 
 fn alive(pid: u32, config: &str) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|c| String::from_utf8_lossy(&c).contains(config))
         .unwrap_or(false)
-}
-
-/// Runs the scenario with the harness's log on the test's output, so that a failure shows how
-/// far the run got. A run still going after four minutes is stopped here (its servers are
-/// killed as the run is dropped) rather than by the test runner's time-out.
-async fn run_with_watchdog(cfg: ScenarioConfig) -> plinth_chaos::report::Report {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("plinth_chaos=info"))
-        .with_test_writer()
-        .with_ansi(false)
-        .try_init();
-    match tokio::time::timeout(std::time::Duration::from_secs(240), scenario::run(cfg)).await {
-        Ok(r) => r.unwrap(),
-        Err(_) => panic!("the chaos run did not finish in 240 s; its log above shows where it was"),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -52,8 +24,8 @@ async fn t10_smoke_every_fault_once() {
         Some(d) => PathBuf::from(d),
         None => results.path().to_owned(),
     };
-    let cfg = ScenarioConfig::smoke(server_bin(), out.clone());
-    let report = run_with_watchdog(cfg).await;
+    let cfg = ScenarioConfig::smoke(server_bin().unwrap(), out.clone());
+    let report = run_logged(cfg, Duration::from_secs(240)).await.unwrap();
     let summary = report.summary();
     println!("{summary}");
     assert!(report.passed(), "chaos checks failed:\n{summary}");

@@ -4,26 +4,12 @@
 //! done: the leader refuses to remove a node that is no longer a member, and re-adding a member
 //! at its own address succeeds.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use plinth_api::server as pb;
 use plinth_api::server::cluster_service_client::ClusterServiceClient;
 use plinth_chaos::cluster::{admin_channel, ClusterConfig, ProcessCluster};
-
-fn server_bin() -> PathBuf {
-    if let Some(p) = plinth_chaos::find_server_bin() {
-        return p;
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
-        .args(["build", "-p", "plinth-server", "--bin", "plinth-server"])
-        .status()
-        .unwrap();
-    assert!(st.success(), "building plinth-server failed");
-    plinth_chaos::find_server_bin().expect("plinth-server not found after building it")
-}
+use plinth_chaos::testing::server_bin;
 
 fn member_ids(s: &pb::ClusterStatusResponse) -> Vec<u64> {
     let mut ids: Vec<u64> = s.members.iter().map(|m| m.node_id).collect();
@@ -49,7 +35,7 @@ async fn members_of(cluster: &ProcessCluster, id: u64, want: &[u64]) -> Vec<u64>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t12_member_changes_whose_answer_was_lost_are_retried_to_success() {
-    let mut cfg = ClusterConfig::new(server_bin());
+    let mut cfg = ClusterConfig::new(server_bin().unwrap());
     // A retry that cannot succeed fails in this time rather than the default minute.
     cfg.start_timeout = Duration::from_secs(20);
     let mut cluster = ProcessCluster::start(cfg, 3).await.unwrap();

@@ -7,24 +7,11 @@
 //! pass, and no container or network of the run may remain. Needs root (iptables in the
 //! containers' network namespaces through nsenter), as the rest of the CI does.
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use plinth_chaos::faults::Fault;
 use plinth_chaos::scenario::{self, ScenarioConfig};
-
-fn server_bin() -> PathBuf {
-    if let Some(p) = plinth_chaos::find_server_bin() {
-        return p;
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
-        .args(["build", "-p", "plinth-server", "--bin", "plinth-server"])
-        .status()
-        .unwrap();
-    assert!(st.success(), "building plinth-server failed");
-    plinth_chaos::find_server_bin().expect("plinth-server not found after building it")
-}
+use plinth_chaos::testing::server_bin;
 
 fn docker_names(kind: &[&str], format: &str, prefix: &str) -> String {
     let mut args: Vec<&str> = kind.to_vec();
@@ -46,7 +33,7 @@ async fn t30_docker_partitions() {
         "this test needs a Docker engine (the CI machine has one)"
     );
     let results = tempfile::tempdir().unwrap();
-    let mut cfg = ScenarioConfig::smoke(server_bin(), results.path().to_owned());
+    let mut cfg = ScenarioConfig::smoke(server_bin().unwrap(), results.path().to_owned());
     cfg.cluster.docker = true;
     cfg.clients = 2;
     cfg.faults = vec![
