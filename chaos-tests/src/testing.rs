@@ -30,6 +30,14 @@ pub fn server_bin() -> Result<PathBuf, String> {
     built_bin(crate::find_server_bin, "plinth-server")
 }
 
+/// Whether process `pid` runs with `needle` in its command line (a pid the kernel has given to
+/// another program since does not count).
+pub fn runs_with(pid: u32, needle: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains(needle))
+        .unwrap_or(false)
+}
+
 /// Runs the scenario with the harness's log on the test's output, so that a failure shows how
 /// far the run got. A run still going after `limit` is stopped (its servers are killed as the
 /// run is dropped) and reported as an error, before the test runner's own time-out.

@@ -9,13 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use plinth_chaos::scenario::ScenarioConfig;
-use plinth_chaos::testing::{run_logged, server_bin};
-
-fn alive(pid: u32, config: &str) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| String::from_utf8_lossy(&c).contains(config))
-        .unwrap_or(false)
-}
+use plinth_chaos::testing::{run_logged, runs_with, server_bin};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t10_smoke_every_fault_once() {
@@ -65,6 +59,10 @@ async fn t10_smoke_every_fault_once() {
     // Nothing left running.
     assert!(report.processes.len() >= 4);
     for p in &report.processes {
-        assert!(!alive(p.pid, &p.config), "server pid {} still runs", p.pid);
+        assert!(
+            !runs_with(p.pid, &p.config),
+            "server pid {} still runs",
+            p.pid
+        );
     }
 }

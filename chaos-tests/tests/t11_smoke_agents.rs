@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use plinth_chaos::faults::Fault;
 use plinth_chaos::scenario::ScenarioConfig;
-use plinth_chaos::testing::{built_bin, run_logged, server_bin};
+use plinth_chaos::testing::{built_bin, run_logged, runs_with, server_bin};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t11_smoke_agents_and_workloads() {
@@ -32,9 +32,6 @@ async fn t11_smoke_agents_and_workloads() {
     // Both agents and every server are gone.
     assert!(report.processes.len() >= 5);
     for p in &report.processes {
-        let alive = std::fs::read(format!("/proc/{}/cmdline", p.pid))
-            .map(|c| String::from_utf8_lossy(&c).contains(&p.config))
-            .unwrap_or(false);
-        assert!(!alive, "pid {} still runs", p.pid);
+        assert!(!runs_with(p.pid, &p.config), "pid {} still runs", p.pid);
     }
 }

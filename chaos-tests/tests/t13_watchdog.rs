@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use plinth_chaos::scenario::ScenarioConfig;
-use plinth_chaos::testing::{run_logged, server_bin};
+use plinth_chaos::testing::{run_logged, runs_with, server_bin};
 
 /// Processes whose command line mentions `dir`.
 fn running_under(dir: &Path) -> Vec<u32> {
@@ -15,11 +15,7 @@ fn running_under(dir: &Path) -> Vec<u32> {
         .unwrap()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(&needle))
-                .unwrap_or(false)
-        })
+        .filter(|pid| runs_with(*pid, &needle))
         .collect()
 }
 
